@@ -1,0 +1,114 @@
+"""Shared helpers for the infant benchmarks in bench/.
+
+Holds the data location, the FER class order, the one fixed stream/test split of
+the infant photos that every infant benchmark uses, and a helper that writes a
+benchmark's result to bench/results/<name>.json with a note of the machine.
+
+Not run on its own; a benchmark imports it. From a script in bench/ that must
+not depend on the infantino package (e.g. one run with another venv)::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import infant_split, write_result
+
+Quick check of the split (any python with numpy and scikit-learn)::
+
+    python bench/common.py
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+# <project root>/../shared/data
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+def infant_files(root: Path | str = DATA / "infant_faces") -> tuple[list[Path], np.ndarray]:
+    """All files under root/<class>/ for the 7 FER classes, sorted by path.
+
+    Returns (files, labels) where labels[i] is the index of files[i]'s class in
+    FER_CLASSES. Hidden files (names starting with '.') and sub-folders are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"infant data folder not found: {root} (expected {root}/<class>/ "
+            f"for the classes {', '.join(FER_CLASSES)})"
+        )
+    items: list[tuple[Path, int]] = []
+    for label, name in enumerate(FER_CLASSES):
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"infant class folder not found: {folder}")
+        items += [(p, label) for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")]
+    if not items:
+        raise FileNotFoundError(f"no files under the class folders of {root}")
+    items.sort(key=lambda t: str(t[0]))
+    files = [p for p, _ in items]
+    labels = np.array([lab for _, lab in items], dtype=np.int64)
+    return files, labels
+
+
+def infant_split(
+    root: Path | str = DATA / "infant_faces", seed: int = 0
+) -> tuple[list[Path], np.ndarray, list[Path], np.ndarray]:
+    """The fixed stratified half/half split shared by every infant benchmark.
+
+    Returns (stream_files, stream_labels, test_files, test_labels). Keep this
+    exactly as it is: changing it changes every infant benchmark's test set.
+    """
+    from sklearn.model_selection import train_test_split
+
+    files, labels = infant_files(root)
+    s_f, t_f, s_y, t_y = train_test_split(
+        files, labels, test_size=0.5, stratify=labels, random_state=seed
+    )
+    return list(s_f), np.asarray(s_y), list(t_f), np.asarray(t_y)
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write bench/results/<name>.json (indent 2, plus a "machine" entry); return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    data = dict(payload)
+    data["machine"] = machine_info()
+
+    def _default(o):  # numpy scalars/arrays, paths
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    out.write_text(json.dumps(data, indent=2, default=_default) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    s_f, s_y, t_f, t_y = infant_split()
+    print(f"data: {DATA / 'infant_faces'}")
+    print(f"stream: {len(s_f)}  test: {len(t_f)}")
+    for i, c in enumerate(FER_CLASSES):
+        print(f"  {c:9s} stream {int((s_y == i).sum()):3d}  test {int((t_y == i).sum()):3d}")

@@ -1,0 +1,245 @@
+"""``infantino``: the command-line tool for training, evaluating and managing models.
+
+    infantino train --data DIR|CSV|NPZ     train a backbone + head and register them as champion
+    infantino evaluate --data ...          score the champion (or a version) on labelled data
+    infantino models                       list registered versions and their aliases
+    infantino promote VERSION              make a head (or backbone) version champion
+    infantino rollback                     move champion back to the previous champion
+    infantino update                       run an online update from queued feedback now
+    infantino bootstrap                    register the shipped model if the registry has no champion
+    infantino bundle                       copy the champions into BentoML's store (before `bentoml build`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from infantino import FER_CLASSES
+
+
+def _classes(value: str | None):
+    if value is None or value == "fer":
+        return FER_CLASSES
+    if value == "auto":
+        return None
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _registry(task: str | None, tracking_uri: str | None):
+    from registry.store import ModelRegistry
+
+    return ModelRegistry(task=task, tracking_uri=tracking_uri)
+
+
+task_option = click.option("--task", default=None, help="Task name (default: expression). Each task has its own models and label set.")
+uri_option = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+                          help="MLflow tracking URI (default: SQLite under $INFANTINO_HOME, ./.infantino).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """InfantinO: facial-expression models that keep learning from their users."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--data", required=True, help="A folder with one sub-folder per class, a FER2013-style CSV, or an .npz (x, y, classes).")
+@click.option("--classes", default="fer", help="Label set: 'fer' (the 7 FER2013 classes), 'auto' (the data's own) or a comma list.")
+@click.option("--limit", type=int, default=None, help="Use a stratified random subset of this many images (quick runs).")
+@click.option("--backbone", default="efficientnet_b0", help="Any timm model name.")
+@click.option("--pretrained/--no-pretrained", default=False, help="Start from timm's pretrained weights (needs a network).")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False), help="Local timm weights file to start from (offline pretrained).")
+@click.option("--image-size", default=64, help="Input size in pixels (square).")
+@click.option("--color/--grayscale", default=False, help="Feed colour or grey images to the model (FER is grey).")
+@click.option("--epochs", default=10)
+@click.option("--batch-size", default=128)
+@click.option("--lr", default=1e-3, help="Peak AdamW learning rate (cosine schedule after warm-up).")
+@click.option("--weight-decay", default=0.05)
+@click.option("--label-smoothing", default=0.1)
+@click.option("--balance", type=click.Choice(["sampler", "loss", "none"]), default="sampler", help="How to counter class imbalance.")
+@click.option("--mixup", default=0.2, help="Mixup alpha (0 turns it off).")
+@click.option("--cutmix", default=1.0, help="CutMix alpha (0 turns it off).")
+@click.option("--mix-prob", default=0.5, help="Probability a batch is mixed.")
+@click.option("--occlusion", default=0.2, help="Probability of the lower-face occlusion augmentation.")
+@click.option("--freeze-epochs", default=0, help="Two-stage schedule: train only the embedding layer for this many epochs first.")
+@click.option("--unfreeze-lr-scale", default=0.1, help="Backbone learning rate relative to --lr after unfreezing.")
+@click.option("--val-fraction", default=0.1, help="Stratified validation split.")
+@click.option("--seed", default=0)
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present).")
+@click.option("--out-dir", default=None, help="Where checkpoints go (default: $INFANTINO_HOME/runs/<task>-<backbone>).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
+@click.option("--no-promote", is_flag=True, help="Register without making the new versions champion.")
+@task_option
+@uri_option
+def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, weight_decay,
+          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
+          seed, threads, device, out_dir, resume, no_promote, task, tracking_uri):
+    """Train a backbone and an MLP head on labelled images and register both in MLflow."""
+    from training.data import DatasetError
+    from training.model import BackboneError
+    from training.pipeline import train_and_register
+    from training.trainer import TrainConfig
+
+    cfg = TrainConfig(
+        backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion,
+        freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
+        threads=threads, device=device,
+    )
+    try:
+        train_and_register(data, cfg, _registry(task, tracking_uri), _classes(classes), limit, out_dir, resume, not no_promote)
+    except (DatasetError, BackboneError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--data", required=True, help="Labelled images in any supported layout.")
+@click.option("--version", "version", default="champion", help="Head version or alias to evaluate.")
+@click.option("--limit", type=int, default=None)
+@click.option("--confusion-png", default=None, help="Write the confusion matrix here.")
+@task_option
+@uri_option
+def evaluate(data, version, limit, confusion_png, task, tracking_uri):
+    """Score a registered model on labelled data (accuracy, macro-F1, recall, ECE, occluded)."""
+    from training.data import load_dataset
+    from training.evaluate import save_confusion_matrix
+    from training.pipeline import evaluate_pair
+
+    from registry.store import RegistryError
+    from training.data import DatasetError
+
+    reg = _registry(task, tracking_uri)
+    try:
+        head = reg.load_head(version)
+        backbone = reg.load_backbone(head.backbone_version)
+        prep = backbone.preprocessing
+        ds = load_dataset(data, prep.input_size, prep.grayscale, head.classes, limit=limit)
+    except (RegistryError, DatasetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    metrics, probs, _ = evaluate_pair(backbone.model, head.model, ds, prep, head.classes, prefix="")
+    metrics.update(n=len(ds), skipped=ds.skipped, head_version=head.version, backbone_version=backbone.version)
+    if confusion_png:
+        save_confusion_matrix(probs, ds.y, head.classes, confusion_png)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command()
+@task_option
+@uri_option
+def models(task, tracking_uri):
+    """List registered backbone and head versions with their aliases."""
+    reg = _registry(task, tracking_uri)
+    for kind in ("backbone", "head"):
+        click.echo(f"{reg.names[kind]}:")
+        rows = reg.list_versions(kind)
+        if not rows:
+            click.echo("  (none)")
+        for r in rows:
+            t = r["tags"]
+            extra = f" backbone=v{t.get('backbone_version', '?')}" if kind == "head" else ""
+            click.echo(f"  v{r['version']:<4} {','.join(r['aliases']) or '-':<22} val_accuracy={t.get('val_accuracy', '?')}"
+                       f" origin={t.get('origin', 'train')}{extra} {t.get('gate', '')}")
+
+
+@main.command()
+@click.argument("version")
+@click.option("--kind", type=click.Choice(["head", "backbone"]), default="head")
+@click.option("--alias", default="champion", help="champion or challenger (or any alias).")
+@task_option
+@uri_option
+def promote(version, kind, alias, task, tracking_uri):
+    """Make VERSION the champion (served by every worker within seconds)."""
+    from registry.store import RegistryError
+
+    try:
+        _registry(task, tracking_uri).promote(kind, version, alias)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{kind} v{version} is now {alias}")
+
+
+@main.command()
+@click.option("--kind", type=click.Choice(["head", "backbone"]), default="head")
+@task_option
+@uri_option
+def rollback(kind, task, tracking_uri):
+    """Move champion back to the previous champion."""
+    from registry.store import RegistryError
+
+    try:
+        version = _registry(task, tracking_uri).rollback(kind)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{kind} champion rolled back to v{version}")
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Run even if fewer items are queued than the trigger threshold.")
+@task_option
+@uri_option
+def update(force, task, tracking_uri):
+    """Run one online update now: partial_fit on queued feedback, gate, register, promote."""
+    from infantino.settings import get_settings
+    from online.queue import FeedbackQueue
+    from online.updater import Updater
+
+    reg = _registry(task, tracking_uri)
+    report = Updater(get_settings(), reg, FeedbackQueue(get_settings().resolved_queue_url)).run_once(force=True if force else False)
+    if report is None:
+        raise click.ClickException("no update ran: nothing queued (or below the threshold without --force), or another process holds the lease")
+    click.echo(json.dumps(report.to_dict(), indent=2))
+
+
+@main.command()
+@click.option("--if-empty/--always", default=True, help="Only register when the registry has no champion yet.")
+@task_option
+@uri_option
+def bootstrap(if_empty, task, tracking_uri):
+    """Register the model shipped in infantino/default_model/ as champion (first run)."""
+    from infantino.shipped import DEFAULT_DIR, register_shipped
+
+    reg = _registry(task, tracking_uri)
+    if if_empty and reg.has_champion():
+        click.echo(f"registry at {reg.tracking_uri} already has a champion (head v{reg.champion_version('head')})")
+        return
+    if not (DEFAULT_DIR / "model.json").exists():
+        raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
+    bv, hv = register_shipped(reg)
+    click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.tracking_uri})")
+
+
+@main.command("export-default")
+@click.option("--out-dir", default=None, help="Default: infantino/default_model/ in the package.")
+@click.option("--command", "command", default="", help="The command that trained the champion (recorded in model.json).")
+@task_option
+@uri_option
+def export_default(out_dir, command, task, tracking_uri):
+    """Write the champion pair as the project's shipped model (safetensors + skops + model.json)."""
+    from pathlib import Path
+
+    from infantino.shipped import DEFAULT_DIR, export_champion
+
+    out = export_champion(_registry(task, tracking_uri), Path(out_dir) if out_dir else DEFAULT_DIR, command)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@task_option
+@uri_option
+def bundle(task, tracking_uri):
+    """Copy the champion backbone and head into BentoML's model store for `bentoml build`."""
+    from registry.bundle import bundle_champions
+
+    for tag in bundle_champions(_registry(task, tracking_uri)):
+        click.echo(f"bundled {tag}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Turn whatever image a user sends into the array the model expects.
+
+One decoder for training and serving, so both see the same pixels: EXIF rotation is
+applied, palette/CMYK/RGBA/16-bit/grey are all normalised to 8-bit RGB, and size limits
+refuse decompression bombs before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel limit (below); Pillow's global one would raise a different error.
+Image.MAX_IMAGE_PIXELS = None
+
+# What Pillow raises on truncated or broken files, at open (header) or at load (pixels) time.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, ArithmeticError, struct.error)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``code`` is a stable, machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input. Stored with every backbone version."""
+
+    input_size: int = 64
+    grayscale: bool = True
+    mean: float = 0.5
+    std: float = 0.5
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "grayscale": self.grayscale, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            input_size=int(d["input_size"]),
+            grayscale=str(d.get("grayscale", True)).lower() in ("1", "true"),
+            mean=float(d.get("mean", 0.5)),
+            std=float(d.get("std", 0.5)),
+        )
+
+
+def open_image(source: bytes | str | Path, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode bytes or a file into an upright 8-bit RGB PIL image, or raise ImageError."""
+    if isinstance(source, (str, Path)):
+        source = Path(source).read_bytes()
+    if not source:
+        raise ImageError("empty_image", "the image is empty (0 bytes)")
+    if max_bytes is not None and len(source) > max_bytes:
+        raise ImageError("image_too_large", f"the image has {len(source)} bytes; the limit is {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(source))
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not_an_image",
+            "the body is not an image Pillow can read (accepted: jpeg, png, webp, gif, bmp, tiff and other Pillow formats)",
+        ) from None
+    except _DECODE_ERRORS as exc:  # a known format whose header is cut short or broken
+        raise ImageError("corrupt_image", f"the image header could not be read (truncated or corrupt): {exc}") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError("image_too_large", f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except _DECODE_ERRORS as exc:
+        raise ImageError("corrupt_image", f"the image could not be decoded (truncated or corrupt): {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Pillow's convert('L') clips 16-bit values at 255; rescale to the real range instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0
+        scale = 255.0 / top if top > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as most viewers show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def to_model_array(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
+    """Resize to a size×size uint8 array (H, W, 3); grey images keep 3 identical channels."""
+    if grayscale:
+        img = img.convert("L")
+    img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def normalise(batch_uint8: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), scaled as the backbone was trained."""
+    x = batch_uint8.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - prep.mean) / prep.std

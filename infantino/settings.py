@@ -1,0 +1,69 @@
+"""Every setting in one place, read from the environment (prefix ``INFANTINO_``).
+
+Embedded defaults keep everything under ``INFANTINO_HOME`` (``./.infantino``): the MLflow
+registry as a SQLite file and its artifacts, and the feedback queue as a SQLite file.
+Point ``MLFLOW_TRACKING_URI`` / ``INFANTINO_QUEUE_URL`` at shared servers to scale out.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFANTINO_", extra="ignore")
+
+    home: Path = Field(default=Path(".infantino"), description="Local data folder for the embedded defaults.")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; MLFLOW_TRACKING_URI also works.")
+    model_prefix: str = Field(default="infantino", description="Registered models are <prefix>-<task>-backbone/-head.")
+    task: str = "expression"
+
+    # Feedback queue (online/queue.py): any SQLAlchemy URL; SQLite under home by default.
+    queue_url: str | None = None
+    store_feedback_images: bool = True
+
+    # Online updates (online/updater.py)
+    update_min_items: int = 32
+    update_interval_s: float = 60.0
+    update_replay_ratio: float = 1.0
+    update_holdout_fraction: float = 0.2
+    gate_max_val_drop: float = 0.01
+    lease_ttl_s: float = 120.0
+    model_poll_s: float = 1.0
+
+    # Serving limits (service/)
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_batch_images: int = 64
+    batch_max_size: int = 32
+    batch_max_latency_ms: int = 20
+    api_workers: int = 1
+    torch_threads: int = 0  # 0 = let torch decide (all cores)
+    admin_token: str | None = None
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.home / "artifacts").resolve()
+
+    @property
+    def resolved_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{(self.home / 'feedback.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -1,0 +1,89 @@
+"""The model that ships inside the project, so a fresh machine serves a real one.
+
+``export_champion`` writes the registry's champion pair to ``infantino/default_model/``:
+fp16 safetensors weights, the skops head, the replay/validation embeddings and a
+``model.json`` with label set, preprocessing, metrics, data fingerprint and the command that
+produced it. ``register_shipped`` puts them into an (empty) registry as champion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from infantino.images import Preprocessing
+from registry.store import CHAMPION, ModelRegistry
+from training.head import TRUSTED_TYPES, EmbeddingSet
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, command: str = "", extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    head = registry.load_head(CHAMPION)
+    backbone = registry.load_backbone(head.backbone_version)
+    replay, validation = registry.load_embeddings(head)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in backbone.model.state_dict().items()}
+    save_file(state, str(out_dir / "backbone.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(f"models:/{registry.names['head']}/{head.version}", dst_path=tmp)
+        shutil.copy(Path(local) / "model.skops", out_dir / "head.skops")
+    np.savez_compressed(out_dir / "embeddings.npz", replay_x=replay.x.astype(np.float16), replay_y=replay.y,
+                        val_x=validation.x.astype(np.float16), val_y=validation.y)
+    bv = registry.version_info("backbone", backbone.version)
+    metrics = registry.run_metrics(bv.run_id) if bv.run_id else {}
+    meta = {
+        "task": registry.task,
+        "backbone": backbone.tags.get("backbone_name"),
+        "embedding_dim": int(backbone.model.embed[1].out_features),
+        "classes": head.classes,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "data": backbone.tags.get("data"),
+        "data_fingerprint": backbone.tags.get("data_fingerprint"),
+        "metrics": {k: v for k, v in metrics.items() if k.startswith("val_") or k == "train_seconds"},
+        "command": command,
+        "source": {"backbone_version": backbone.version, "head_version": head.version},
+        **(extra or {}),
+    }
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> tuple[str, str]:
+    """Register the shipped backbone + head as champion; returns their versions."""
+    import skops.io
+    import torch
+    from safetensors.torch import load_file
+
+    from training.model import create_backbone
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    model = create_backbone(meta["backbone"], len(meta["classes"]), embedding_dim=meta["embedding_dim"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(model_dir / "backbone.safetensors")).items()}
+    model.load_state_dict(state)
+    model.eval()
+    head = skops.io.load(model_dir / "head.skops", trusted=TRUSTED_TYPES + skops.io.get_untrusted_types(file=model_dir / "head.skops"))
+    with np.load(model_dir / "embeddings.npz") as npz:
+        replay = EmbeddingSet(npz["replay_x"].astype(np.float32), npz["replay_y"])
+        validation = EmbeddingSet(npz["val_x"].astype(np.float32), npz["val_y"])
+    tags = {"data_fingerprint": meta.get("data_fingerprint") or "", "data": meta.get("data") or "",
+            "backbone_name": meta["backbone"], "origin": "shipped", "parent_version": "",
+            "val_accuracy": f"{meta.get('metrics', {}).get('val_accuracy', float('nan')):.4f}"}
+    with registry.start_run("register-shipped-model", tags={"kind": "shipped"}):
+        mlflow.log_metrics({k: float(v) for k, v in meta.get("metrics", {}).items()})
+        mlflow.log_dict(meta, "model.json")
+        with torch.inference_mode():
+            bv = registry.log_backbone(model, prep, meta["classes"], tags)
+        hv = registry.log_head(head, meta["classes"], bv, tags, replay=replay, validation=validation)
+    registry.promote("backbone", bv)
+    registry.promote("head", hv)
+    return bv, hv

@@ -1,0 +1,1 @@
+"""Online learning: the durable feedback queue, the updater and its evaluation gate."""

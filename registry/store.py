@@ -1,0 +1,270 @@
+"""Log, load, list, promote and roll back InfantinO models in the MLflow model registry.
+
+Each task (``expression`` by default) has two registered models:
+
+- ``<prefix>-<task>-backbone``: the timm EmbeddingNet (pytorch flavour), images -> 64-d;
+- ``<prefix>-<task>-head``: the MLPClassifier (sklearn flavour, skops format), 64-d -> classes.
+
+A head version names the backbone version whose embeddings it reads (tag ``backbone_version``),
+so whoever loads the champion head loads the matching backbone. The alias ``champion`` marks
+what is served, ``challenger`` a candidate the gate refused. Every promotion is appended to the
+registered model's ``champion_history`` tag, which is what rollback walks back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from infantino.images import Preprocessing
+from infantino.settings import Settings, get_settings
+from training.head import TRUSTED_TYPES, EmbeddingSet
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+REPLAY_FILE, VALIDATION_FILE = "embeddings/replay.npz", "embeddings/validation.npz"
+
+
+class RegistryError(RuntimeError):
+    """The registry has no such model/version/alias, or cannot do what was asked."""
+
+
+@dataclass
+class LoadedBackbone:
+    model: Any  # training.model.EmbeddingNet, eval mode
+    version: str
+    preprocessing: Preprocessing
+    classes: list[str]
+    tags: dict[str, str]
+
+
+@dataclass
+class LoadedHead:
+    model: Any  # sklearn MLPClassifier
+    version: str
+    backbone_version: str
+    classes: list[str]
+    tags: dict[str, str]
+    run_id: str
+
+    @property
+    def embeddings_run_id(self) -> str:
+        return self.tags.get("embeddings_run_id", self.run_id)
+
+
+def _pip(*names: str) -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+class ModelRegistry:
+    """InfantinO's view of an MLflow tracking server / registry (any tracking URI)."""
+
+    def __init__(self, settings: Settings | None = None, task: str | None = None, tracking_uri: str | None = None):
+        self.settings = settings or get_settings()
+        self.task = task or self.settings.task
+        self.tracking_uri = tracking_uri or self.settings.resolved_tracking_uri
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        prefix = self.settings.model_prefix
+        self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}
+        self.experiment_name = f"{prefix}-{self.task}"
+
+    # ---- runs -------------------------------------------------------------------------------
+    def experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:") or self.tracking_uri.startswith("file:"):
+            self.settings.artifact_root.mkdir(parents=True, exist_ok=True)
+            location = self.settings.artifact_root.as_uri()
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        except MlflowException:  # another process created it first
+            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None):
+        return mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name, tags=tags)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def log_backbone(self, model, preprocessing: Preprocessing, classes: list[str], tags: dict[str, str]) -> str:
+        """Log and register the backbone in the active run; returns the new version."""
+        import torch
+        from mlflow.models import infer_signature
+
+        example = np.zeros((1, 3, preprocessing.input_size, preprocessing.input_size), np.float32)
+        with torch.inference_mode():
+            out = model.eval()(torch.from_numpy(example)).numpy()
+        version_tags = {**tags, **_prep_tags(preprocessing), "label_set": ",".join(classes), "task": self.task}
+        info = mlflow.pytorch.log_model(
+            model, name="backbone", registered_model_name=self.names["backbone"],
+            signature=infer_signature(example, out), input_example=example,
+            pip_requirements=_pip("torch", "timm", "numpy"),
+            # pickle, not MLflow 3's default torch.export: export fixes the batch size to the example's.
+            serialization_format="pickle",
+            code_paths=[str(Path(__file__).resolve().parents[1] / "training")],
+        )
+        version = str(info.registered_model_version)
+        for k, v in version_tags.items():
+            self.client.set_model_version_tag(self.names["backbone"], version, k, str(v))
+        return version
+
+    def log_head(
+        self, head, classes: list[str], backbone_version: str, tags: dict[str, str],
+        replay: EmbeddingSet | None = None, validation: EmbeddingSet | None = None,
+    ) -> str:
+        """Log and register a head in the active run; returns the new version.
+
+        ``replay``/``validation`` embeddings are stored with a freshly trained head; heads
+        continued online point at them through ``embeddings_run_id`` instead of copying.
+        """
+        from mlflow.models import infer_signature
+
+        run_id = mlflow.active_run().info.run_id
+        if replay is not None and validation is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.log_artifact(str(replay.save(Path(tmp) / "replay.npz")), "embeddings")
+                mlflow.log_artifact(str(validation.save(Path(tmp) / "validation.npz")), "embeddings")
+            tags = {**tags, "embeddings_run_id": run_id}
+        example = np.zeros((1, head.coefs_[0].shape[0]), np.float32)
+        info = mlflow.sklearn.log_model(
+            head, name="head", registered_model_name=self.names["head"],
+            serialization_format="skops", skops_trusted_types=TRUSTED_TYPES,
+            signature=infer_signature(example, head.predict_proba(example)), input_example=example,
+            pip_requirements=_pip("scikit-learn", "skops", "numpy"), pyfunc_predict_fn="predict_proba",
+        )
+        version = str(info.registered_model_version)
+        version_tags = {**tags, "label_set": ",".join(classes), "backbone_version": backbone_version, "task": self.task}
+        for k, v in version_tags.items():
+            self.client.set_model_version_tag(self.names["head"], version, k, str(v))
+        return version
+
+    # ---- aliases ----------------------------------------------------------------------------
+    def _name(self, kind: str) -> str:
+        if kind not in self.names:
+            raise RegistryError(f"unknown model kind {kind!r}; accepted: {sorted(self.names)}")
+        return self.names[kind]
+
+    def _history(self, name: str) -> list[str]:
+        try:
+            return json.loads(self.client.get_registered_model(name).tags.get("champion_history", "[]"))
+        except MlflowException as exc:
+            raise RegistryError(f"no registered model {name!r} at {self.tracking_uri}") from exc
+
+    def promote(self, kind: str, version: str | int, alias: str = CHAMPION) -> None:
+        """Point ``alias`` at ``version``; for champion, also record it for rollback."""
+        name, version = self._name(kind), str(version)
+        self.version_info(kind, version)  # raises if missing
+        self.client.set_registered_model_alias(name, alias, version)
+        if alias == CHAMPION:
+            history = self._history(name)
+            if not history or history[-1] != version:
+                history.append(version)
+            self.client.set_registered_model_tag(name, "champion_history", json.dumps(history[-100:]))
+            if kind == "head":
+                self._align_backbone(version)
+        log.info("%s v%s is now %s", name, version, alias)
+
+    def rollback(self, kind: str = "head") -> str:
+        """Move champion back to the previous champion; returns the version now champion.
+
+        The backbone is served as the champion head's backbone, so rolling back the head
+        moves the backbone too; a backbone alone cannot roll back under a head that needs it.
+        """
+        name = self._name(kind)
+        history = self._history(name)
+        if len(history) < 2:
+            raise RegistryError(f"{name} has no earlier champion to roll back to (history: {history})")
+        history.pop()
+        previous = history[-1]
+        if kind == "backbone" and self.has_champion():
+            needed = self.version_info("head", CHAMPION).tags.get("backbone_version")
+            if needed != previous:
+                raise RegistryError(f"the champion head reads backbone v{needed}; roll back the head instead (infantino rollback)")
+        self.client.set_registered_model_alias(name, CHAMPION, previous)
+        self.client.set_registered_model_tag(name, "champion_history", json.dumps(history))
+        if kind == "head":
+            self._align_backbone(previous)
+        return previous
+
+    def _align_backbone(self, head_version: str) -> None:
+        """The backbone champion follows the head champion's lineage (they are served as a pair)."""
+        backbone_version = self.version_info("head", head_version).tags.get("backbone_version")
+        if backbone_version and self.champion_version("backbone") != backbone_version:
+            # The alias only: the backbone's own promotion history stays as promoted.
+            self.client.set_registered_model_alias(self._name("backbone"), CHAMPION, backbone_version)
+
+    def champion_version(self, kind: str, alias: str = CHAMPION) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(self._name(kind), alias).version)
+        except MlflowException:
+            return None
+
+    def version_info(self, kind: str, version_or_alias: str | int):
+        name = self._name(kind)
+        ref = str(version_or_alias)
+        try:
+            if ref.isdigit():
+                return self.client.get_model_version(name, ref)
+            return self.client.get_model_version_by_alias(name, ref)
+        except MlflowException as exc:
+            raise RegistryError(f"{name} has no version or alias {ref!r}") from exc
+
+    def list_versions(self, kind: str) -> list[dict]:
+        name = self._name(kind)
+        try:
+            versions = self.client.search_model_versions(f"name='{name}'")
+            aliases = self.client.get_registered_model(name).aliases
+        except MlflowException:
+            return []
+        by_version: dict[str, list[str]] = {}
+        for alias, v in aliases.items():
+            by_version.setdefault(str(v), []).append(alias)
+        rows = []
+        for mv in sorted(versions, key=lambda m: int(m.version)):
+            rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+                         "created": mv.creation_timestamp, "run_id": mv.run_id, "tags": dict(mv.tags)})
+        return rows
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    # ---- loading ----------------------------------------------------------------------------
+    def load_head(self, version_or_alias: str | int = CHAMPION) -> LoadedHead:
+        mv = self.version_info("head", version_or_alias)
+        model = mlflow.sklearn.load_model(f"models:/{self.names['head']}/{mv.version}")
+        return LoadedHead(model, str(mv.version), mv.tags.get("backbone_version", ""), mv.tags["label_set"].split(","), dict(mv.tags), mv.run_id)
+
+    def load_backbone(self, version_or_alias: str | int = CHAMPION) -> LoadedBackbone:
+        mv = self.version_info("backbone", version_or_alias)
+        model = mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu").eval()
+        return LoadedBackbone(model, str(mv.version), _prep_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
+
+    def load_embeddings(self, head: LoadedHead) -> tuple[EmbeddingSet, EmbeddingSet]:
+        """The replay and validation embeddings that travel with a head's lineage."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=head.embeddings_run_id, artifact_path="embeddings", dst_path=tmp))
+            return EmbeddingSet.load(folder / "replay.npz"), EmbeddingSet.load(folder / "validation.npz")
+
+    def has_champion(self) -> bool:
+        return self.champion_version("head") is not None
+
+
+def _prep_tags(p: Preprocessing) -> dict[str, str]:
+    return {f"preprocessing.{k}": str(v) for k, v in p.to_dict().items()} | {"input_size": str(p.input_size)}
+
+
+def _prep_from_tags(tags: dict[str, str]) -> Preprocessing:
+    return Preprocessing.from_dict({k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith("preprocessing.")})

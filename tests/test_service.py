@@ -1,0 +1,191 @@
+"""The serving bundle over HTTP: a real `bentoml serve` process with two API workers."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import re
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import faces, png_bytes, train_tiny_registry
+from service.process import BentoServer
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("served") / "home"
+    train_tiny_registry(home)
+    env = {
+        "INFANTINO_HOME": str(home), "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
+        "INFANTINO_MAX_IMAGE_BYTES": "300000", "INFANTINO_MAX_IMAGE_PIXELS": "4000000",
+        "INFANTINO_ADMIN_TOKEN": TOKEN, "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
+        "INFANTINO_BATCH_MAX_LATENCY_MS": "50",
+    }
+    with BentoServer(env, log_path=home.parent / "serve.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def face_png():
+    return faces(1, seed=5)[0][0]
+
+
+def check_prediction(p: dict, labels=("happy", "sad", "surprise")):
+    assert set(p) >= {"prediction_id", "label", "confidence", "probabilities", "head_version", "backbone_version"}
+    assert list(p["probabilities"]) == list(labels)
+    assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+    assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
+    assert p["head_version"] == "1" and p["backbone_version"] == "1"
+
+
+def test_predict_multipart_and_base64_agree(client, face_png):
+    a = client.post("/predict", files={"image": ("face.png", face_png, "image/png")})
+    b = client.post("/predict", json={"image_base64": base64.b64encode(face_png).decode()})
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    check_prediction(a.json())
+    check_prediction(b.json())
+    assert a.json()["probabilities"] == pytest.approx(b.json()["probabilities"], abs=1e-6)
+    assert a.json()["prediction_id"] != b.json()["prediction_id"]
+
+
+def test_model_learned_the_drawn_faces(client):
+    """Not a timing check: the served model must answer like a trained one (>= 2/3 right)."""
+    items = faces(4, seed=11)
+    r = client.post("/predict_batch", json={"images_base64": [base64.b64encode(b).decode() for b, _ in items]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == len(items)
+    for p in preds:
+        check_prediction(p)
+    accuracy = np.mean([p["label"] == label for p, (_, label) in zip(preds, items)])
+    assert accuracy >= 2 / 3
+
+
+def test_predict_batch_multipart(client, face_png):
+    r = client.post("/predict_batch", files=[("images", ("a.png", face_png, "image/png")), ("images", ("b.png", face_png, "image/png"))])
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2
+
+
+def test_feedback_by_image_and_by_prediction_id(client, face_png):
+    r = client.post("/feedback", data={"label": "sad"}, files={"image": ("f.png", face_png, "image/png")})
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert first["feedback_id"] and first["queue_depth"] >= 1 and first["duplicate"] is False
+    pid = client.post("/predict", files={"image": ("f.png", face_png, "image/png")}).json()["prediction_id"]
+    r = client.post("/feedback", json={"label": "happy", "prediction_id": pid})
+    assert r.status_code == 200, r.text
+    assert r.json()["queue_depth"] == first["queue_depth"] + 1
+    # A retried request with the same idempotency key is acknowledged once.
+    body = {"label": "surprise", "prediction_id": pid, "idempotency_key": "retry-1"}
+    one, two = client.post("/feedback", json=body).json(), client.post("/feedback", json=body).json()
+    assert one["feedback_id"] == two["feedback_id"] and two["duplicate"] is True
+    assert two["queue_depth"] == one["queue_depth"]
+
+
+def big_noise_png(side: int) -> bytes:
+    return png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)))
+
+
+def bomb_png() -> bytes:
+    return png_bytes(Image.new("L", (3000, 3000)))  # 9 Mpx of zeros: a few KB on the wire
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        ({"files": {"image": ("x.txt", b"hello, not an image", "text/plain")}}, 415, "not_an_image"),
+        ({"files": {"image": ("e.png", b"", "image/png")}}, 400, "empty_image"),
+        ({"files": {"image": ("t.png", "TRUNCATED", "image/png")}}, 400, "corrupt_image"),
+        ({"files": {"image": ("big.png", "BIG", "image/png")}}, 413, "image_too_large"),
+        ({"files": {"image": ("bomb.png", "BOMB", "image/png")}}, 413, "image_too_large"),
+        ({"json": {}}, 400, "missing_image"),
+        ({"json": {"image_base64": "***not base64***"}}, 400, "invalid_base64"),
+    ],
+    ids=["not-image", "empty", "truncated", "too-many-bytes", "decompression-bomb", "missing", "bad-base64"],
+)
+def test_bad_images_get_clear_4xx(client, face_png, kwargs, status, code):
+    if "files" in kwargs:
+        name, body, ctype = kwargs["files"]["image"]
+        body = {"TRUNCATED": face_png[: len(face_png) // 2], "BIG": big_noise_png(400), "BOMB": bomb_png()}.get(body, body)
+        kwargs = {"files": {"image": (name, body, ctype)}}
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code and r.json()["message"]
+
+
+def test_feedback_errors_name_the_problem(client, face_png):
+    r = client.post("/feedback", json={"label": "happyish", "image_base64": base64.b64encode(face_png).decode()})
+    assert r.status_code == 422 and r.json()["error"] == "unknown_label"
+    assert r.json()["accepted"] == ["happy", "sad", "surprise"]
+    r = client.post("/feedback", json={"label": "happy", "prediction_id": "no-such-id"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_prediction_id"
+    r = client.post("/feedback", json={"label": "happy"})
+    assert r.status_code == 400 and r.json()["error"] == "missing_image"
+    r = client.post("/feedback", json={"image_base64": base64.b64encode(face_png).decode()})
+    assert r.status_code == 400 and "label" in r.text  # BentoML's own validation error names the missing field
+
+
+def test_batch_limit(client, face_png):
+    b64 = base64.b64encode(face_png).decode()
+    r = client.post("/predict_batch", json={"images_base64": [b64] * 65})
+    assert r.status_code == 413 and r.json()["error"] == "too_many_images"
+
+
+def test_admin_update_needs_the_token(client):
+    assert client.post("/admin/update", json={}).status_code == 401
+    r = client.post("/admin/update", json={}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+
+
+def test_model_info_and_health(client):
+    info = client.get("/model").json()
+    assert info["labels"] == ["happy", "sad", "surprise"]
+    assert info["head"]["version"] == "1" and info["backbone"]["version"] == "1"
+    assert "val_accuracy" in info["head"]["metrics"]
+    assert info["preprocessing"]["input_size"] == 48
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/livez").status_code == 200
+    assert client.get("/no/such/route").status_code == 404
+
+
+def test_concurrent_predictions_are_batched(client, server, face_png):
+    """16 concurrent clients: BentoML's adaptive batching must merge requests (batch size > 1)."""
+    b64 = base64.b64encode(face_png).decode()
+
+    def call(_):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/predict", json={"image_base64": b64}).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(160)))
+    assert codes.count(200) == 160
+    text = client.get("/metrics").text
+    sums = [float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="embed"[^}]*\} (\S+)', text)]
+    counts = [float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="embed"[^}]*\} (\S+)', text)]
+    assert sum(counts) > 0
+    assert sum(sums) / sum(counts) > 1.0, "no request was ever batched with another"
+    assert max(float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_bucket\{le="1.0"[^}]*method_name="embed"[^}]*\} (\S+)', text)) < sum(counts)
+
+
+def test_metrics_and_server_still_healthy(client):
+    text = client.get("/metrics").text
+    for name in ("infantino_predictions_total", "infantino_prediction_confidence_bucket", "infantino_feedback_total",
+                 "infantino_feedback_queue_depth", "infantino_served_model_version"):
+        assert name in text, name
+    assert client.get("/readyz").status_code == 200

@@ -1,0 +1,1 @@
+"""Offline half of InfantinO: labelled images -> trained backbone + MLP head -> evaluation."""

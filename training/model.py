@@ -1,0 +1,108 @@
+"""The backbone: any timm model, topped with a 64-d embedding layer.
+
+``create_backbone`` is the factory (in the spirit of ``timm.create_model``). The network
+maps a normalised image batch to 64-d embeddings; a linear classifier sits on top only
+while the backbone is trained, the served classifier is the scikit-learn head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDING_DIM = 64
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built as asked (unknown name, weights unavailable...)."""
+
+
+class EmbeddingNet(nn.Module):
+    """timm features -> Linear -> BatchNorm -> 64-d embedding (+ a training-only classifier)."""
+
+    def __init__(self, features: nn.Module, n_classes: int, embedding_dim: int = EMBEDDING_DIM, drop_rate: float = 0.2):
+        super().__init__()
+        self.features = features
+        self.embed = nn.Sequential(
+            nn.Dropout(drop_rate), nn.Linear(features.num_features, embedding_dim), nn.BatchNorm1d(embedding_dim)
+        )
+        self.classifier = nn.Linear(embedding_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> embeddings; this is what the registry stores and the runner serves."""
+        return self.embed(self.features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward(x))
+
+
+def create_backbone(
+    name: str = "efficientnet_b0",
+    n_classes: int = 7,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    embedding_dim: int = EMBEDDING_DIM,
+    drop_rate: float = 0.2,
+    drop_path_rate: float = 0.0,
+) -> EmbeddingNet:
+    """Build an EmbeddingNet over ``timm.create_model(name)``.
+
+    ``pretrained`` downloads timm's weights (needs a network); ``checkpoint`` loads a local
+    weights file for the timm model instead, which is the offline way to start pretrained.
+    """
+    import timm
+
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise BackboneError(f"unknown timm model {name!r}; see timm.list_models() for accepted names")
+    kwargs: dict = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise BackboneError(f"checkpoint {checkpoint} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    elif pretrained:
+        kwargs.update(pretrained=True)
+    try:
+        features = timm.create_model(name, **kwargs)
+    except Exception as exc:  # timm raises many kinds when weights cannot be fetched
+        if pretrained and checkpoint is None:
+            raise BackboneError(
+                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+                "Without a network, pass a local weights file with --checkpoint PATH, or train from scratch without --pretrained."
+            ) from exc
+        raise BackboneError(f"could not build {name!r}: {exc}") from exc
+    return EmbeddingNet(features, n_classes, embedding_dim, drop_rate)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU (or whatever is asked)."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def embed_images(
+    model: EmbeddingNet, x_uint8, prep, batch_size: int = 256, occlude: bool = False, progress: str | None = None
+):
+    """Embed uint8 (N, H, W, 3) images batch by batch; returns float32 numpy (N, 64).
+
+    ``occlude`` flattens the lower face first (the masked-face evaluation).
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from infantino.images import normalise
+    from training.augment import occlude_lower_face
+
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(x_uint8), batch_size), desc=progress, unit="batch", leave=False, disable=progress is None):
+        chunk = torch.from_numpy(normalise(x_uint8[start : start + batch_size], prep)).to(device)
+        if occlude:
+            chunk = occlude_lower_face(chunk)
+        out.append(model(chunk).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, EMBEDDING_DIM), np.float32)

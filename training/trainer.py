@@ -1,0 +1,223 @@
+"""Supervised training of the backbone: the recipe, the loop, checkpoints and resume.
+
+Recipe: AdamW with warm-up then cosine decay, label smoothing, class-balanced sampling (or
+loss weights) for the long tail, flip/rotation/colour/erasing/lower-face-occlusion
+augmentation, mixup and cutmix, and an optional two-stage schedule (frozen backbone first,
+then unfrozen at a lower rate). Seeds are fixed; a checkpoint is written every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
+
+from infantino.images import Preprocessing, normalise
+from training.augment import train_transform
+from training.data import LabelledImages
+from training.model import EmbeddingNet, create_backbone, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "efficientnet_b0"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    image_size: int = 64
+    grayscale: bool = True
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    balance: str = "sampler"  # sampler | loss | none
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 1.0
+    mixup_prob: float = 0.5
+    occlusion_p: float = 0.2
+    erasing_p: float = 0.25
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.05
+    freeze_epochs: int = 0
+    unfreeze_lr_scale: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int = 0
+    device: str | None = None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(input_size=self.image_size, grayscale=self.grayscale)
+
+    def to_params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _AugmentedImages(Dataset):
+    def __init__(self, data: LabelledImages, transform):
+        self.x = torch.from_numpy(data.x).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W), a view
+        self.y = torch.from_numpy(data.y)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+
+def class_weights(counts: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """Inverse-frequency weights, softened by ``power`` (0.5 = inverse square root), mean 1."""
+    w = (counts.max() / np.maximum(counts, 1)) ** power
+    return w / w.mean()
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=1)
+    if weight is not None:
+        per_item = -(target * logp).sum(1) * (target * weight).sum(1)
+        return per_item.mean()
+    return -(target * logp).sum(1).mean()
+
+
+@torch.inference_mode()
+def accuracy(model: EmbeddingNet, data: LabelledImages, prep: Preprocessing, device, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(data), batch_size):
+        xb = torch.from_numpy(normalise(data.x[s : s + batch_size], prep)).to(device)
+        correct += (model.logits(xb).argmax(1).cpu().numpy() == data.y[s : s + batch_size]).sum()
+    return float(correct) / max(len(data), 1)
+
+
+def train_backbone(
+    cfg: TrainConfig,
+    train: LabelledImages,
+    val: LabelledImages,
+    out_dir: str | Path,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> EmbeddingNet:
+    """Train an EmbeddingNet; returns it in eval mode on the CPU."""
+    from timm.data import Mixup
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    n_classes = len(train.classes)
+    prep = cfg.preprocessing
+    model = create_backbone(
+        cfg.backbone, n_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+    ).to(device)
+    model = model.to(memory_format=torch.channels_last)
+
+    counts = train.class_counts()
+    weights = class_weights(counts)
+    sampler = None
+    order_rng = torch.Generator().manual_seed(cfg.seed)  # one generator, checkpointed, so resume continues the order
+    if cfg.balance == "sampler":
+        item_w = weights[train.y]
+        sampler = WeightedRandomSampler(torch.as_tensor(item_w, dtype=torch.double), len(train), generator=order_rng)
+    loss_weight = torch.as_tensor(weights, dtype=torch.float32, device=device) if cfg.balance == "loss" else None
+    batch_size = min(cfg.batch_size, len(train) - len(train) % 2) or 2
+    loader = DataLoader(
+        _AugmentedImages(train, train_transform(prep, cfg.occlusion_p, cfg.erasing_p)),
+        batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+        generator=order_rng,
+    )
+    mixer = None
+    if cfg.mixup_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
+        mixer = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
+                      label_smoothing=cfg.label_smoothing, num_classes=n_classes)
+
+    feature_params = list(model.features.parameters())
+    head_params = list(model.embed.parameters()) + list(model.classifier.parameters())
+    feature_lr = cfg.lr * (cfg.unfreeze_lr_scale if cfg.freeze_epochs else 1.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": feature_params, "lr": feature_lr}, {"params": head_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = max(len(loader), 1)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start_epoch = 0
+    ckpt_path = out_dir / "last.pt"
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        if "order_rng" in state:
+            order_rng.set_state(state["order_rng"])
+        start_epoch = state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        frozen = epoch < cfg.freeze_epochs
+        for p in feature_params:
+            p.requires_grad_(not frozen)
+        model.train()
+        if frozen:
+            model.features.eval()  # keep BatchNorm statistics of the frozen part
+        running, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" (frozen)" if frozen else ""), unit="batch")
+        for xb, yb in bar:
+            xb, yb = xb.to(device, memory_format=torch.channels_last), yb.to(device)
+            if mixer is not None:
+                xb, target = mixer(xb, yb)
+            else:
+                target = torch.full((len(yb), n_classes), cfg.label_smoothing / n_classes, device=device)
+                target.scatter_(1, yb[:, None], 1 - cfg.label_smoothing + cfg.label_smoothing / n_classes)
+            loss = _soft_cross_entropy(model.logits(xb), target, loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(yb)
+            seen += len(yb)
+            bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+        metrics = {"train_loss": running / max(seen, 1), "val_accuracy": accuracy(model, val, prep, device)}
+        log.info("epoch %d: %s", epoch + 1, metrics)
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train_loss={metrics['train_loss']:.4f} val_accuracy={metrics['val_accuracy']:.4f}", flush=True)
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+             "order_rng": order_rng.get_state(), "config": cfg.to_params()},
+            ckpt_path,
+        )
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return model
