@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_batch_images: int = 64
     batch_max_size: int = 32
-    batch_max_latency_ms: int = 20
+    batch_max_latency_ms: int = 5000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
     api_workers: int = 1
     torch_threads: int = 0  # 0 = let torch decide (all cores)
     admin_token: str | None = None

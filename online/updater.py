@@ -33,7 +33,7 @@ from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
 from training.head import EmbeddingSet
 
 log = logging.getLogger(__name__)
-PASSES = 8  # partial_fit epochs over the mixed batch: enough to move, few enough to stay near the champion
+PASSES = 20  # partial_fit epochs over the mixed batch: enough to move; replay and the gate keep it near the champion
 
 
 @dataclass

@@ -131,6 +131,8 @@ def test_haar_rejects_bad_parameters():
         HaarDetector(min_size=1.5)
     with pytest.raises(ValueError, match="pad_fallback"):
         HaarDetector(pad_fallback=-0.1)
+    with pytest.raises(ValueError, match="pad_min_size"):
+        HaarDetector(pad_min_size=1.0)
 
 
 # ---- the factory --------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ def server(tmp_path_factory):
         "INFANTINO_HOME": str(home), "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
         "INFANTINO_MAX_IMAGE_BYTES": "300000", "INFANTINO_MAX_IMAGE_PIXELS": "4000000",
         "INFANTINO_ADMIN_TOKEN": TOKEN, "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
-        "INFANTINO_BATCH_MAX_LATENCY_MS": "50",
     }
     with BentoServer(env, log_path=home.parent / "serve.log") as srv:
         yield srv
