@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     update_replay_ratio: float = 1.0
     update_holdout_fraction: float = 0.2
     gate_max_val_drop: float = 0.01
+    gate_heldout_z: float = 1.0
     lease_ttl_s: float = 120.0
     model_poll_s: float = 1.0
 

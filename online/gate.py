@@ -3,6 +3,10 @@
 (a) On the training validation embeddings it may lose at most ``max_val_drop`` accuracy
     (this is what catches poisoned feedback: learning wrong labels costs validation accuracy);
 (b) on held-out feedback (items never trained on) it must not be worse than the champion.
+    "Worse" is judged on the items where the two disagree (a paired, McNemar-style count):
+    it is rejected when it loses more of them than it wins by over ``z`` standard errors.
+    With a few dozen held-out items, one unlucky item no longer decides; ``z=0`` is the
+    literal rule (any net loss rejects).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def _accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(model.predict(x) == y)) if len(y) else float("nan")
 
 
-def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_drop: float) -> GateVerdict:
+def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_drop: float, z: float = 1.0) -> GateVerdict:
     m = {
         "val_accuracy_champion": _accuracy(champion, val_x, val_y),
         "val_accuracy_candidate": _accuracy(candidate, val_x, val_y),
@@ -37,10 +41,16 @@ def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_dro
     }
     reasons = []
     drop = m["val_accuracy_champion"] - m["val_accuracy_candidate"]
-    if drop > max_val_drop:
+    if drop > max_val_drop + 1e-9:  # float noise must not turn "exactly the allowance" into a rejection
         reasons.append(f"validation accuracy fell {drop * 100:.2f} points (allowed {max_val_drop * 100:.2f})")
-    if len(held_y) and m["heldout_accuracy_candidate"] < m["heldout_accuracy_champion"]:
-        reasons.append(
-            f"held-out feedback accuracy {m['heldout_accuracy_candidate']:.3f} < champion's {m['heldout_accuracy_champion']:.3f}"
-        )
+    if len(held_y):
+        champ_right = champion.predict(held_x) == held_y
+        cand_right = candidate.predict(held_x) == held_y
+        lost, won = int(np.sum(champ_right & ~cand_right)), int(np.sum(cand_right & ~champ_right))
+        m.update(heldout_lost=float(lost), heldout_won=float(won))
+        if lost - won > z * np.sqrt(lost + won):
+            reasons.append(
+                f"held-out feedback accuracy {m['heldout_accuracy_candidate']:.3f} < champion's {m['heldout_accuracy_champion']:.3f}"
+                f" (lost {lost}, won {won} of {len(held_y)} items)"
+            )
     return GateVerdict(not reasons, reasons, m)

@@ -162,7 +162,7 @@ class Updater:
                 for _ in range(PASSES):
                     order = rng.permutation(len(y))
                     candidate.partial_fit(x[order], y[order])
-        verdict = evaluate_gate(champion.model, candidate, validation.x, validation.y, held.x, held.y, s.gate_max_val_drop)
+        verdict = evaluate_gate(champion.model, candidate, validation.x, validation.y, held.x, held.y, s.gate_max_val_drop, s.gate_heldout_z)
         version = self._register(candidate, champion, verdict, new_train, new_held, len(base.y) + len(older.y))
         promoted = verdict.passed
         self.registry.promote("head", version, CHAMPION if promoted else CHALLENGER)

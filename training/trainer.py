@@ -116,8 +116,9 @@ def train_backbone(
     out_dir: str | Path,
     resume: bool = False,
     on_epoch: Callable[[int, dict], None] | None = None,
+    initial: EmbeddingNet | None = None,
 ) -> EmbeddingNet:
-    """Train an EmbeddingNet; returns it in eval mode on the CPU."""
+    """Train an EmbeddingNet (a new one, or fine-tune ``initial``); returns it in eval mode on the CPU."""
     from timm.data import Mixup
 
     out_dir = Path(out_dir)
@@ -128,10 +129,11 @@ def train_backbone(
     device = pick_device(cfg.device)
     n_classes = len(train.classes)
     prep = cfg.preprocessing
-    model = create_backbone(
+    model = initial if initial is not None else create_backbone(
         cfg.backbone, n_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
         drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
-    ).to(device)
+    )
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
 
     counts = train.class_counts()
