@@ -31,6 +31,8 @@ def create_app() -> Flask:
     from registry.store import CHAMPION, ModelRegistry
 
     settings = get_settings()
+    if settings.torch_threads:  # INFANTINO_TORCH_THREADS, as the service reads it
+        torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry(settings)
     head = registry.load_head(CHAMPION)
     backbone = registry.load_backbone(head.backbone_version)

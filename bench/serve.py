@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -127,9 +128,14 @@ def tail(path: Path, n: int = 30) -> str:
         return "(no log)"
 
 
+TORCH_THREADS = 0  # --torch-threads; 0: torch's default
+
+
 def base_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["INFANTINO_HOME"] = str(home)
+    if TORCH_THREADS:
+        env["INFANTINO_TORCH_THREADS"] = str(TORCH_THREADS)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
@@ -155,7 +161,8 @@ def prepare_home(args, work: Path) -> tuple[Path, dict]:
     from serving import train_tiny_registry  # tests/serving.py (imports tests/conftest.py)
 
     t0 = time.perf_counter()
-    train_tiny_registry(home)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines must not mix with the Markdown on stdout
+        train_tiny_registry(home)
     return home, {
         "source": "tests/serving.train_tiny_registry (fallback)", "home": "temporary",
         "fallback_reason": f"`infantino bootstrap` failed: {why[0]}",
@@ -195,8 +202,11 @@ def pct(values, q) -> float:
 
 # ---- 1. the limit, in-process ---------------------------------------------------------------------
 
-def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batch: float) -> dict:
+def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batch: float, torch_threads: int = 0) -> dict:
     import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
     from infantino.images import normalise, open_image, to_model_array
     from infantino.settings import Settings
@@ -426,8 +436,14 @@ def make_pyfunc_class():
             import mlflow.pytorch
             import mlflow.sklearn
 
+            import os
+
+            import torch
+
             from infantino.images import Preprocessing
 
+            if int(os.environ.get("INFANTINO_TORCH_THREADS", "0") or 0):  # as the service does (bench --torch-threads)
+                torch.set_num_threads(int(os.environ["INFANTINO_TORCH_THREADS"]))
             self.backbone = mlflow.pytorch.load_model(context.artifacts["backbone"], map_location="cpu").eval()
             self.head = mlflow.sklearn.load_model(context.artifacts["head"])
             meta = _json.loads(Path(context.artifacts["meta"]).read_text())
@@ -514,6 +530,8 @@ def bench_infantino(home: Path, work: Path, photos, expected, levels, args) -> d
         # predictions are recorded (with the image) in the queue: keep them out of a given home's queue
         "INFANTINO_QUEUE_URL": f"sqlite:///{work / 'bench-feedback.db'}",
     }
+    if TORCH_THREADS:
+        env["INFANTINO_TORCH_THREADS"] = str(TORCH_THREADS)
     srv = BentoServer(env, log_path=work / "bentoml.log")
     out: dict = {"server": "bentoml serve service.api:InfantinO", "env": env, "log": str(work / "bentoml.log")}
     t = time.perf_counter()
@@ -688,6 +706,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=None, help="seconds of load before each measured window (default 3; 1 with --quick)")
     ap.add_argument("--single-runs", type=int, default=None, help="raw single-image runs (default 200; 30 with --quick)")
     ap.add_argument("--batch-seconds", type=float, default=None, help="seconds per raw batch size and mode (default 4; 1 with --quick)")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch threads everywhere (raw, and INFANTINO_TORCH_THREADS for the three servers); 0: torch's default")
     ap.add_argument("--images", type=int, default=32, help="distinct test photos")
     ap.add_argument("--flask-server", choices=("dev", "gunicorn"), default="dev",
                     help="Flask dev server (threaded=True) or gunicorn sync workers (gunicorn is in the venv)")
@@ -702,6 +722,8 @@ def main() -> int:
     args.single_runs = args.single_runs or (30 if q else 200)
     args.batch_seconds = args.batch_seconds or (1.0 if q else 4.0)
     levels = CLIENT_LEVELS
+    global TORCH_THREADS
+    TORCH_THREADS = args.torch_threads
 
     for sig in (signal.SIGTERM, signal.SIGHUP):  # run the finally blocks (kill the servers) on termination too
         signal.signal(sig, lambda s, f: sys.exit(128 + s))
@@ -717,11 +739,15 @@ def main() -> int:
             "flask_server": args.flask_server, "flask_workers": args.flask_workers if args.flask_server == "gunicorn" else None,
             "load_generator": "closed loop, one thread per client, each with its own httpx.Client (keep-alive); "
                               "request bodies built once; on the same machine as the servers",
-            "torch_threads": "torch default",
+            "torch_threads": args.torch_threads or "torch default",
         },
         "load_average_before": os.getloadavg(),
         "http": {},
     }
+    busy = os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    if busy:
+        log(f"[warning] the machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
+            "the numbers will not be representative")
     try:
         steps = ["model", "raw"] + [s for s in ("infantino", "mlflow", "flask") if s not in args.skip]
         with tqdm(total=len(steps), desc="bench/serve", unit="step") as overall:
@@ -736,7 +762,7 @@ def main() -> int:
             overall.update()
 
             overall.set_postfix(step="raw")
-            result["raw"] = measure_raw(home, photos, args.single_runs, args.batch_seconds)
+            result["raw"] = measure_raw(home, photos, args.single_runs, args.batch_seconds, args.torch_threads)
             result["model"].update(result["raw"].pop("model"))
             expected = result["model"]["label_photo0"]
             log(f"[raw] single p50 {result['raw']['single_image']['p50_ms']:.1f} ms; limit {result['raw']['best_images_per_s']:.1f} img/s "
@@ -762,6 +788,7 @@ def main() -> int:
     result["load_average_after"] = os.getloadavg()
     result["wall_seconds"] = round(time.time() - started, 1)
     relative(result)
+    result["machine_busy_at_start"] = busy
     result["caveats"] = [
         "clients run on the same machine as the servers and take some of its CPU",
         "other processes may share the CPU: see load_average_before/after (os.getloadavg) vs cpu_count",

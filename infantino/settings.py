@@ -37,12 +37,18 @@ class Settings(BaseSettings):
     lease_ttl_s: float = 120.0
     model_poll_s: float = 1.0
 
+    # Faces (infantino/faces.py): used by /predict?faces=true and /feedback?face_crop=true
+    face_detector: str = "haar"  # haar | yunet | none
+    face_model_path: str | None = None  # the YuNet ONNX file, for face_detector=yunet
+    face_margin: float = 0.25
+    max_faces: int = 10
+
     # Serving limits (service/)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_batch_images: int = 64
     batch_max_size: int = 32
-    batch_max_latency_ms: int = 5000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
+    batch_max_latency_ms: int = 10000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
     api_workers: int = 1
     torch_threads: int = 0  # 0 = let torch decide (all cores)
     admin_token: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import logging
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from infantino.faces import Face, create_detector, crop_face
 from infantino.images import ImageError, Preprocessing, open_image, to_model_array
 from infantino.settings import get_settings
 from online.queue import FeedbackQueue
@@ -37,6 +39,15 @@ from service.models import ChampionWatcher, ModelSource
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 _SERVICE: "InfantinO | None" = None  # this worker's instance, for the plain Starlette routes
+
+
+@dataclass(frozen=True)
+class Region:
+    """One thing to classify: the whole upload, or one face cropped from it."""
+
+    array: np.ndarray  # model input, uint8 (S, S, 3)
+    image: bytes  # what is kept for feedback and re-embedding: the upload, or the face crop (PNG)
+    face: Face | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class InfantinO:
         self.source = ModelSource(SETTINGS)
         self.queue = FeedbackQueue(SETTINGS.resolved_queue_url)
         self.served: Served | None = None
+        self.detector = create_detector(SETTINGS.face_detector, SETTINGS.face_model_path)
         try:
             self._switch(self.source.champion_head_version())
         except Exception:
@@ -146,12 +158,24 @@ class InfantinO:
                 raise ApiError(400, "invalid_base64", f"{field}_base64 is not valid base64") from None
         raise ApiError(400, "missing_image", f"send an image: multipart field '{field}' or JSON field '{field}_base64'")
 
-    def _to_array(self, raw: bytes, prep: Preprocessing, field: str = "image") -> np.ndarray:
+    def _regions(self, raw: bytes, prep: Preprocessing, faces: str = "whole", field: str = "image") -> list[Region]:
+        """Decode once; ``faces`` is "whole" (the image), "largest" (that face, else the image) or "all"."""
         try:
             img = open_image(raw, self.settings.max_image_bytes, self.settings.max_image_pixels)
         except ImageError as exc:
             raise ApiError.from_image_error(exc, field) from None
-        return to_model_array(img, prep.input_size, prep.grayscale)
+        found = self.detector.detect(img)[: self.settings.max_faces] if faces != "whole" else []
+        if faces == "largest":
+            found = found[:1]
+        if not found:
+            return [Region(to_model_array(img, prep.input_size, prep.grayscale), raw)] if faces != "all" else []
+        regions = []
+        for face in found:
+            crop = crop_face(img, face, self.settings.face_margin)
+            buf = io.BytesIO()
+            crop.save(buf, "PNG")
+            regions.append(Region(to_model_array(crop, prep.input_size, prep.grayscale), buf.getvalue(), face))
+        return regions
 
     async def _embed(self, served: Served, arrays: np.ndarray) -> np.ndarray:
         # Calls larger than the runner's max batch size would be refused by its dispatcher.
@@ -166,24 +190,27 @@ class InfantinO:
             raise ApiError(503, "model_swap", f"the backbone is switching versions ({sorted(made_by)} -> v{served.head.backbone_version}); retry")
         return out[:, :-1]
 
-    def _answers(self, served: Served, emb: np.ndarray, raws: list[bytes]) -> list[dict]:
+    def _answers(self, served: Served, emb: np.ndarray, regions: list[Region]) -> list[dict]:
         probs = served.head.model.predict_proba(emb)
         answers = []
-        for e, p, raw in zip(emb, probs, raws):
+        for e, p, region in zip(emb, probs, regions):
             best = int(p.argmax())
             label = served.classes[best]
             pid = uuid.uuid4().hex
             self.queue.record_prediction(
                 prediction_id=pid, task=self.task, label=label, embedding=e, backbone_version=served.head.backbone_version,
-                head_version=served.head.version, image=raw if self.settings.store_feedback_images else None,
+                head_version=served.head.version, image=region.image if self.settings.store_feedback_images else None,
             )
             metrics.PREDICTIONS.labels(label=label, task=self.task).inc()
             metrics.CONFIDENCE.labels(task=self.task).observe(float(p[best]))
-            answers.append({
+            answer = {
                 "prediction_id": pid, "label": label, "confidence": float(p[best]),
                 "probabilities": {c: float(v) for c, v in zip(served.classes, p)},
                 "task": self.task, "backbone_version": served.head.backbone_version, "head_version": served.head.version,
-            })
+            }
+            if region.face is not None:
+                answer.update(box=list(region.face.box), detector_score=float(region.face.score))
+            answers.append(answer)
         return answers
 
     def _one_image(self, uploads: list[Path], b64: str | None) -> bytes:
@@ -191,28 +218,54 @@ class InfantinO:
             raise ApiError(400, "too_many_images", "this endpoint takes one image; use /predict_batch for several")
         return self._image_bytes(uploads[0] if uploads else None, b64, "image")
 
-    async def _predict(self, raws: list[bytes]) -> list[dict]:
+    async def _predict(self, raws: list[bytes], faces: bool = False, whole_image_if_no_face: bool = True) -> list[dict]:
+        """One answer per upload: a prediction, or (faces=True) every face found with its box."""
         served = self._require_served()
-        arrays = await asyncio.gather(*(asyncio.to_thread(self._to_array, r, served.preprocessing) for r in raws))
-        emb = await self._embed(served, np.stack(arrays))
-        return await asyncio.to_thread(self._answers, served, emb, raws)
+        per_image = await asyncio.gather(*(
+            asyncio.to_thread(self._regions, r, served.preprocessing, "all" if faces else "whole") for r in raws))
+        if faces and whole_image_if_no_face:
+            per_image = [regions or await asyncio.to_thread(self._regions, raw, served.preprocessing, "whole")
+                         for regions, raw in zip(per_image, raws)]
+        flat = [region for regions in per_image for region in regions]
+        answers = []
+        if flat:
+            emb = await self._embed(served, np.stack([r.array for r in flat]))
+            answers = await asyncio.to_thread(self._answers, served, emb, flat)
+        if not faces:
+            return answers
+        out, i = [], 0
+        for regions in per_image:
+            mine, i = answers[i : i + len(regions)], i + len(regions)
+            found = [a for a, r in zip(mine, regions) if r.face is not None]
+            whole = next((a for a, r in zip(mine, regions) if r.face is None), None)
+            out.append({"face_count": len(found), "faces": found, "whole_image": whole,
+                        "message": None if found else "no face found" + ("; classified the whole image" if whole else "")})
+        return out
 
     # ---- endpoints ------------------------------------------------------------------------------
     # File inputs are typed list[Path] (empty when absent): BentoML 1.4 cannot parse an
     # optional multipart file (`Path | None` skips its file handling; Optional[Path] fails on 3.11).
     @bentoml.api
-    async def predict(self, ctx: bentoml.Context, image: list[Path] = [], image_base64: str | None = None) -> dict:
-        """Classify one image (multipart field `image`, or JSON `image_base64`)."""
+    async def predict(
+        self, ctx: bentoml.Context, image: list[Path] = [], image_base64: str | None = None,
+        faces: bool = False, whole_image_if_no_face: bool = True,
+    ) -> dict:
+        """Classify one image (multipart field `image`, or JSON `image_base64`).
+
+        With `faces=true`, every face found is classified, each with its box; when none is
+        found the answer says so (and classifies the whole image unless told not to).
+        """
 
         async def work() -> dict:
             raw = self._one_image(image, image_base64)
-            return (await self._predict([raw]))[0]
+            return (await self._predict([raw], faces, whole_image_if_no_face))[0]
 
         return await self._answer(ctx, work())
 
     @bentoml.api
     async def predict_batch(
-        self, ctx: bentoml.Context, images: list[Path] = [], images_base64: list[str] | None = None
+        self, ctx: bentoml.Context, images: list[Path] = [], images_base64: list[str] | None = None,
+        faces: bool = False, whole_image_if_no_face: bool = True,
     ) -> dict:
         """Classify several images in one call (multipart `images`, or JSON `images_base64`)."""
 
@@ -224,16 +277,19 @@ class InfantinO:
             if n > self.settings.max_batch_images:
                 raise ApiError(413, "too_many_images", f"{n} images; the limit per call is {self.settings.max_batch_images}")
             raws = [self._image_bytes(u, None, "images") for u in uploads] + [self._image_bytes(None, b, "images") for b in b64s]
-            return {"predictions": await self._predict(raws)}
+            return {"predictions": await self._predict(raws, faces, whole_image_if_no_face)}
 
         return await self._answer(ctx, work())
 
     @bentoml.api
     async def feedback(
         self, ctx: bentoml.Context, label: str, image: list[Path] = [], image_base64: str | None = None,
-        prediction_id: str | None = None, idempotency_key: str | None = None,
+        prediction_id: str | None = None, idempotency_key: str | None = None, face_crop: bool = False,
     ) -> dict:
-        """Tell the model the true label of an image, or of an earlier prediction (prediction_id)."""
+        """Tell the model the true label of an image, or of an earlier prediction (prediction_id).
+
+        `face_crop=true` learns from the largest face in the image (the whole image if none).
+        """
 
         async def work() -> dict:
             served = self._require_served()
@@ -248,9 +304,10 @@ class InfantinO:
                     raise ApiError(404, "unknown_prediction_id", f"no recent prediction {prediction_id!r}; send the image instead")
                 embedding, backbone_version, raw, predicted = pred["embedding"], pred["backbone_version"], pred["image"], pred["label"]
             else:
-                raw = self._one_image(image, image_base64)
-                array = await asyncio.to_thread(self._to_array, raw, served.preprocessing)
-                embedding = (await self._embed(served, array[None]))[0]
+                region = (await asyncio.to_thread(
+                    self._regions, self._one_image(image, image_base64), served.preprocessing, "largest" if face_crop else "whole"))[0]
+                raw = region.image
+                embedding = (await self._embed(served, region.array[None]))[0]
                 backbone_version = served.head.backbone_version
             feedback_id, duplicate = await asyncio.to_thread(
                 self.queue.add, task=self.task, label=label, embedding=embedding, backbone_version=backbone_version,

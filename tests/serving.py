@@ -15,7 +15,7 @@ from training.pipeline import train_and_register
 from training.trainer import TrainConfig
 
 
-def train_tiny_registry(home: Path, per_class: int = 30, epochs: int = 10) -> ModelRegistry:
+def train_tiny_registry(home: Path, per_class: int = 30, epochs: int = 15) -> ModelRegistry:
     """Train test_efficientnet at 48 px on drawn faces (3 classes) and register it as champion."""
     data = make_image_folder(home.parent / f"{home.name}-faces", per_class=per_class, seed=1)
     registry = ModelRegistry(Settings(home=home))
