@@ -103,12 +103,15 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
 @click.option("--data", required=True, help="Labelled images in any supported layout.")
 @click.option("--version", "version", default="champion", help="Head version or alias to evaluate.")
 @click.option("--limit", type=int, default=None)
+@click.option("--holdout", type=float, default=None,
+              help="Score only the validation part of the stratified split `train` makes with this --val-fraction (and --seed).")
+@click.option("--seed", default=0, help="Seed of that split (train's --seed).")
 @click.option("--confusion-png", default=None, help="Write the confusion matrix here.")
 @task_option
 @uri_option
-def evaluate(data, version, limit, confusion_png, task, tracking_uri):
+def evaluate(data, version, limit, holdout, seed, confusion_png, task, tracking_uri):
     """Score a registered model on labelled data (accuracy, macro-F1, recall, ECE, occluded)."""
-    from training.data import load_dataset
+    from training.data import load_dataset, stratified_split
     from training.evaluate import save_confusion_matrix
     from training.pipeline import evaluate_pair
 
@@ -120,11 +123,14 @@ def evaluate(data, version, limit, confusion_png, task, tracking_uri):
         head = reg.load_head(version)
         backbone = reg.load_backbone(head.backbone_version)
         prep = backbone.preprocessing
-        ds = load_dataset(data, prep.input_size, prep.grayscale, head.classes, limit=limit)
+        ds = load_dataset(data, prep.input_size, prep.grayscale, head.classes, limit=limit, seed=seed)
+        if holdout:
+            _, ds = stratified_split(ds, holdout, seed)
     except (RegistryError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from None
     metrics, probs, _ = evaluate_pair(backbone.model, head.model, ds, prep, head.classes, prefix="")
-    metrics.update(n=len(ds), skipped=ds.skipped, head_version=head.version, backbone_version=backbone.version)
+    metrics.update(n=len(ds), skipped=ds.skipped, head_version=head.version, backbone_version=backbone.version,
+                   data=str(data), holdout=holdout, seed=seed)
     if confusion_png:
         save_confusion_matrix(probs, ds.y, head.classes, confusion_png)
     click.echo(json.dumps(metrics, indent=2))

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_batch_images: int = 64
+    max_sequence_frames: int = 64
+    max_video_seconds: float = 30.0
     batch_max_size: int = 32
     batch_max_latency_ms: int = 10000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
     api_workers: int = 1

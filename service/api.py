@@ -35,6 +35,7 @@ from service import metrics
 from service.backbone import BackboneService
 from service.errors import ApiError
 from service.models import ChampionWatcher, ModelSource
+from service.sequence import SequenceError, aggregate, decode_video
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
@@ -164,6 +165,13 @@ class InfantinO:
             img = open_image(raw, self.settings.max_image_bytes, self.settings.max_image_pixels)
         except ImageError as exc:
             raise ApiError.from_image_error(exc, field) from None
+        return self._regions_of(img, raw, prep, faces)
+
+    def _regions_of(self, img, raw: bytes | None, prep: Preprocessing, faces: str) -> list[Region]:
+        if raw is None:  # a video frame: keep a PNG of it for feedback
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            raw = buf.getvalue()
         found = self.detector.detect(img)[: self.settings.max_faces] if faces != "whole" else []
         if faces == "largest":
             found = found[:1]
@@ -278,6 +286,50 @@ class InfantinO:
                 raise ApiError(413, "too_many_images", f"{n} images; the limit per call is {self.settings.max_batch_images}")
             raws = [self._image_bytes(u, None, "images") for u in uploads] + [self._image_bytes(None, b, "images") for b in b64s]
             return {"predictions": await self._predict(raws, faces, whole_image_if_no_face)}
+
+        return await self._answer(ctx, work())
+
+    @bentoml.api
+    async def predict_sequence(
+        self, ctx: bentoml.Context, frames: list[Path] = [], frames_base64: list[str] | None = None,
+        video: list[Path] = [], video_base64: str | None = None, faces: bool = False, ema_alpha: float = 0.5,
+    ) -> dict:
+        """Several frames (images) or one short video: per-frame scores and the clip's aggregate.
+
+        With `faces=true` each frame is read from its largest face (the whole frame if none).
+        """
+
+        async def work() -> dict:
+            served = self._require_served()
+            if not 0 < ema_alpha <= 1:
+                raise ApiError(422, "invalid_ema_alpha", f"ema_alpha must be in (0, 1]; got {ema_alpha}")
+            mode = "largest" if faces else "whole"
+            given_frames = len(frames) + len(frames_base64 or [])
+            given_video = len(video) + (video_base64 is not None)
+            if bool(given_frames) == bool(given_video) or given_video > 1:
+                raise ApiError(400, "bad_sequence", "send either frames (`frames` / `frames_base64`, 2 or more) or one `video` / `video_base64`")
+            if given_frames:
+                if given_frames > self.settings.max_sequence_frames:
+                    raise ApiError(413, "too_many_frames", f"{given_frames} frames; the limit is {self.settings.max_sequence_frames}")
+                raws = [self._image_bytes(f, None, "frames") for f in frames] + [self._image_bytes(None, b, "frames") for b in frames_base64 or []]
+                regions = await asyncio.gather(*(asyncio.to_thread(self._regions, r, served.preprocessing, mode, "frames") for r in raws))
+                times = [float(i) for i in range(len(raws))]
+            else:
+                data = self._image_bytes(video[0] if video else None, video_base64, "video")
+                try:
+                    decoded = await asyncio.to_thread(decode_video, data, self.settings.max_sequence_frames, self.settings.max_video_seconds)
+                except SequenceError as exc:
+                    raise ApiError(413 if exc.code == "video_too_long" else 415 if exc.code == "not_a_video" else 400, exc.code, str(exc)) from None
+                times = [t for t, _ in decoded]
+                regions = await asyncio.gather(*(asyncio.to_thread(self._regions_of, img, None, served.preprocessing, mode) for _, img in decoded))
+            flat = [r[0] for r in regions]
+            emb = await self._embed(served, np.stack([r.array for r in flat]))
+            answers = await asyncio.to_thread(self._answers, served, emb, flat)
+            for answer, t in zip(answers, times):
+                answer["time_s" if given_video else "index"] = t if given_video else int(t)
+            probs = np.array([[a["probabilities"][c] for c in served.classes] for a in answers])
+            return {"frame_count": len(answers), "frames": answers, "aggregate": aggregate(probs, served.classes, ema_alpha),
+                    "task": self.task, "backbone_version": served.head.backbone_version, "head_version": served.head.version}
 
         return await self._answer(ctx, work())
 

@@ -218,3 +218,40 @@ def test_faces_in_a_scene(client):
     check_prediction(r.json()["whole_image"])
     r = client.post("/predict", json={"image_base64": base64.b64encode(empty).decode(), "faces": True, "whole_image_if_no_face": False})
     assert r.json() == {"face_count": 0, "faces": [], "whole_image": None, "message": "no face found"}
+
+
+def test_sequence_of_frames_and_a_video(client, tmp_path):
+    """Frames and a short video made here (OpenCV writes it): per-frame scores and the clip's aggregate."""
+    import cv2
+
+    frames = [b for b, _ in faces(2, seed=21)]  # 6 frames: 2 per class
+    r = client.post("/predict_sequence", json={"frames_base64": [base64.b64encode(b).decode() for b in frames], "ema_alpha": 0.5})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["frame_count"] == 6 and [f["index"] for f in out["frames"]] == list(range(6))
+    per_frame = np.array([[f["probabilities"][c] for c in ("happy", "sad", "surprise")] for f in out["frames"]])
+    assert list(out["aggregate"]["mean"].values()) == pytest.approx(per_frame.mean(0).tolist(), abs=1e-6)
+    ema = per_frame[0]
+    for p in per_frame[1:]:
+        ema = 0.5 * p + 0.5 * ema
+    assert list(out["aggregate"]["ema"].values()) == pytest.approx(ema.tolist(), abs=1e-6)
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (48, 48))
+    for b in frames * 2:  # 12 frames at 5 fps: 2.4 s
+        writer.write(cv2.cvtColor(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")), cv2.COLOR_RGB2BGR))
+    writer.release()
+    r = client.post("/predict_sequence", files={"video": ("clip.avi", path.read_bytes(), "video/x-msvideo")})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["frame_count"] == 12
+    times = [f["time_s"] for f in out["frames"]]
+    assert times == sorted(times) and times[-1] == pytest.approx(11 / 5)
+    assert out["aggregate"]["mean_label"] in ("happy", "sad", "surprise")
+
+    r = client.post("/predict_sequence", files={"video": ("x.avi", b"not a video at all", "video/x-msvideo")})
+    assert r.status_code == 415 and r.json()["error"] == "not_a_video"
+    r = client.post("/predict_sequence", json={"frames_base64": [base64.b64encode(frames[0]).decode()] * 65})
+    assert r.status_code == 413 and r.json()["error"] == "too_many_frames"
+    r = client.post("/predict_sequence", json={})
+    assert r.status_code == 400 and r.json()["error"] == "bad_sequence"
