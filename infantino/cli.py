@@ -75,11 +75,13 @@ def main(verbose: bool) -> None:
 @click.option("--out-dir", default=None, help="Where checkpoints go (default: $INFANTINO_HOME/runs/<task>-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
 @click.option("--no-promote", is_flag=True, help="Register without making the new versions champion.")
+@click.option("--crop-faces", type=click.Choice(["none", "haar", "yunet"]), default="none",
+              help="Read image folders from their largest face (whole scenes -> face crops), as the service's face_crop does.")
 @task_option
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, weight_decay,
           label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
-          seed, threads, device, out_dir, resume, no_promote, task, tracking_uri):
+          seed, threads, device, out_dir, resume, no_promote, crop_faces, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow."""
     from training.data import DatasetError
     from training.model import BackboneError
@@ -94,7 +96,8 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
         threads=threads, device=device,
     )
     try:
-        train_and_register(data, cfg, _registry(task, tracking_uri), _classes(classes), limit, out_dir, resume, not no_promote)
+        train_and_register(data, cfg, _registry(task, tracking_uri), _classes(classes), limit, out_dir, resume,
+                           not no_promote, crop_faces=crop_faces)
     except (DatasetError, BackboneError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -242,3 +242,18 @@ def test_crop_largest_face_crops_the_biggest_and_falls_back_to_the_whole_image(h
         assert same is blank and none is None
     same, none = crop_largest_face(img, create_detector("none"))
     assert same is img and none is None
+
+
+def test_training_loader_reads_folders_from_their_largest_face(tmp_path):
+    """load_dataset(crop_faces="haar"): whole scenes become face crops, as the service's face_crop does."""
+    from training.data import load_dataset
+
+    for label, name in enumerate(("happy", "sad")):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            _scene((320, 240), [(100, 50, 144)], seed=label * 10 + i).save(tmp_path / name / f"{i}.png")
+    whole = load_dataset(tmp_path, 48, True, None)
+    cropped = load_dataset(tmp_path, 48, True, None, crop_faces="haar")
+    assert len(cropped) == len(whole) == 4
+    # The crop is mostly face (light); the whole scene mostly dark canvas.
+    assert cropped.x.mean() > whole.x.mean() + 10

@@ -71,16 +71,19 @@ def load_dataset(
     limit: int | None = None,
     seed: int = 0,
     usage: str | None = None,
+    crop_faces: str | None = None,
 ) -> LabelledImages:
     """Load any supported layout. ``classes=None`` takes the label set from the data itself.
 
     ``limit`` keeps a stratified random subset of that many items (quick experiments).
+    ``crop_faces`` names a face detector (infantino.faces): image folders are then read from
+    their largest face, as the service does with face_crop (whole scenes -> face crops).
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path} does not exist")
     if path.is_dir():
-        data = _load_folder(path, image_size, grayscale, classes)
+        data = _load_folder(path, image_size, grayscale, classes, crop_faces)
     elif path.suffix.lower() == ".csv":
         data = _load_csv(path, image_size, grayscale, classes, usage)
     elif path.suffix.lower() == ".npz":
@@ -113,16 +116,24 @@ def _check_labels(found: Sequence[str], classes: Sequence[str] | None, where: st
     return list(classes)
 
 
-def _load_folder(root: Path, size: int, grey: bool, classes: Sequence[str] | None) -> LabelledImages:
+def _load_folder(root: Path, size: int, grey: bool, classes: Sequence[str] | None, crop_faces: str | None = None) -> LabelledImages:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetError(f"{root}: no class sub-folders found (expected {root}/<class>/<image files>)")
     label_set = _check_labels([p.name for p in folders], classes, str(root))
     files = [(f, label_set.index(p.name)) for p in folders for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    detector = None
+    if crop_faces and crop_faces != "none":
+        from infantino.faces import create_detector, crop_largest_face
+
+        detector = create_detector(crop_faces)
     images, labels, skipped = [], [], []
     for file, label in tqdm(files, desc=f"reading {root.name}", unit="img", leave=False):
         try:
-            images.append(to_model_array(open_image(file), size, grey))
+            img = open_image(file)
+            if detector is not None:
+                img, _ = crop_largest_face(img, detector)
+            images.append(to_model_array(img, size, grey))
             labels.append(label)
         except (ImageError, OSError) as exc:
             skipped.append(f"{file.relative_to(root)}: {exc}")

@@ -57,9 +57,10 @@ def train_and_register(
     out_dir: str | Path | None = None,
     resume: bool = False,
     promote: bool = True,
+    crop_faces: str | None = None,
 ) -> TrainResult:
     started = time.time()
-    data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed)
+    data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed, crop_faces=crop_faces)
     print(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
           f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
     train, val = stratified_split(data, cfg.val_fraction, cfg.seed)
@@ -67,7 +68,8 @@ def train_and_register(
     parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
 
     with registry.start_run(f"train-{cfg.backbone}", tags={"kind": "train"}) as run:
-        mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val)})
+        mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val),
+                           "crop_faces": crop_faces or "none"})
         mlflow.log_metric("skipped_images", data.skipped)
         backbone = train_backbone(
             cfg, train, val, out_dir, resume=resume,
