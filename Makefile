@@ -6,7 +6,7 @@ PYTHON ?= python3
 PORT ?= 3000
 BIN = $(VENV)/bin
 
-.PHONY: setup serve test build bench-serve clean
+.PHONY: setup serve test build clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml

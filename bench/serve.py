@@ -160,9 +160,13 @@ def prepare_home(args, work: Path) -> tuple[Path, dict]:
     sys.path.insert(0, str(ROOT / "tests"))
     from serving import train_tiny_registry  # tests/serving.py (imports tests/conftest.py)
 
+    import torch
+
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines must not mix with the Markdown on stdout
         train_tiny_registry(home)
+    torch.set_num_threads(threads)  # its TrainConfig(threads=1) set 1 for the whole process; the raw limit uses the default
     return home, {
         "source": "tests/serving.train_tiny_registry (fallback)", "home": "temporary",
         "fallback_reason": f"`infantino bootstrap` failed: {why[0]}",
@@ -721,7 +725,7 @@ def markdown(result: dict) -> str:
 # ---- main ---------------------------------------------------------------------------------------
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", default=None, help="INFANTINO_HOME whose registry has a champion (default: a temporary one, bootstrapped)")
     ap.add_argument("--quick", action="store_true", help="small numbers: checks the script end to end")
     ap.add_argument("--duration", type=float, default=None, help="seconds measured per load level (default 20; 4 with --quick)")
@@ -773,7 +777,8 @@ def main() -> int:
     busy = os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
     if busy:
         log(f"[warning] the machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
-            "the numbers will not be representative")
+            "the numbers will not be representative (and multi-threaded torch can stall waiting for a busy core: "
+            "compare with --torch-threads 1)")
     try:
         steps = ["model", "raw"] + [s for s in ("infantino", "mlflow", "flask") if s not in args.skip]
         with tqdm(total=len(steps), desc="bench/serve", unit="step") as overall:

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
@@ -188,10 +189,17 @@ class InfantinO:
     async def _embed(self, served: Served, arrays: np.ndarray) -> np.ndarray:
         # Calls larger than the runner's max batch size would be refused by its dispatcher.
         step = self.settings.batch_max_size
+
+        async def call(chunk: np.ndarray):
+            try:
+                return await self.backbone.to_async.embed(chunk)
+            except aiohttp.ClientConnectionError:  # a recycled connection: the call is safe to repeat once
+                return await self.backbone.to_async.embed(chunk)
+
         try:
-            parts = await asyncio.gather(*(self.backbone.to_async.embed(arrays[i : i + step]) for i in range(0, len(arrays), step)))
-        except bentoml.exceptions.ServiceUnavailable:
-            raise ApiError(503, "overloaded", "the backbone runner is overloaded; retry shortly") from None
+            parts = await asyncio.gather(*(call(arrays[i : i + step]) for i in range(0, len(arrays), step)))
+        except (bentoml.exceptions.ServiceUnavailable, aiohttp.ClientConnectionError):
+            raise ApiError(503, "overloaded", "the backbone runner is overloaded or restarting; retry shortly") from None
         out = np.concatenate([np.asarray(p) for p in parts])
         made_by = {str(int(v)) for v in out[:, -1]}
         if made_by != {served.head.backbone_version}:

@@ -23,7 +23,13 @@ log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 
 
-@bentoml.service(name="infantino-backbone", workers=1, threads=1, traffic={"timeout": 60})
+# runner_connection: BentoML's client to this service recycles its connection session every
+# 100 requests by default and fails the requests still in flight on it (seen at 16 concurrent
+# clients); recycle rarely, and the API retries the rest (service/api.py, _embed).
+@bentoml.service(
+    name="infantino-backbone", workers=1, threads=1, traffic={"timeout": 60},
+    runner_connection={"max_requests": 1_000_000, "max_age": 86_400.0},
+)
 class BackboneService:
     def __init__(self) -> None:
         import torch
