@@ -200,7 +200,7 @@ def update(force, task, tracking_uri):
     from online.updater import Updater
 
     reg = _registry(task, tracking_uri)
-    report = Updater(get_settings(), reg, FeedbackQueue(get_settings().resolved_queue_url)).run_once(force=True if force else False)
+    report = Updater(get_settings(), reg, FeedbackQueue(get_settings().resolved_queue_url)).run_once(force=force)
     if report is None:
         raise click.ClickException("no update ran: nothing queued (or below the threshold without --force), or another process holds the lease")
     click.echo(json.dumps(report.to_dict(), indent=2))

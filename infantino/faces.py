@@ -114,7 +114,23 @@ def _largest_first(faces: list[Face]) -> list[Face]:
 
 # ---- detectors ----------------------------------------------------------------------------------
 
-class HaarDetector:
+class _PerThreadState:
+    """OpenCV detectors are not thread-safe: each thread keeps its own in ``self._local``.
+
+    threading.local cannot be pickled (e.g. into DataLoader workers): it is rebuilt instead.
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+class HaarDetector(_PerThreadState):
     """OpenCV's frontal-face Haar cascades, shipped in the opencv-python(-headless) 4.x wheel.
 
     Detection runs on a grey copy shrunk so its long side is at most ``max_side`` (the
@@ -194,16 +210,6 @@ class HaarDetector:
             f"pad_fallback={self.pad_fallback}, pad_min_size={self.pad_min_size})"
         )
 
-    # threading.local cannot be pickled (e.g. into DataLoader workers): rebuild it instead.
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_local", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
     def _cascade_names(self) -> tuple[str, ...]:
         return self.CASCADES if self.alt2_fallback else self.CASCADES[:1]
 
@@ -264,7 +270,7 @@ class HaarDetector:
         return faces
 
 
-class YuNetDetector:
+class YuNetDetector(_PerThreadState):
     """OpenCV's CNN face detector ``cv2.FaceDetectorYN`` with user-supplied YuNet weights.
 
     ``model_path`` is the ONNX file ``face_detection_yunet_2023mar.onnx`` from the OpenCV
@@ -318,15 +324,6 @@ class YuNetDetector:
 
     def __repr__(self) -> str:
         return f"YuNetDetector(model_path={str(self.model_path)!r}, score_threshold={self.score_threshold})"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_local", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def _net(self, size: tuple[int, int]):
         net = getattr(self._local, "net", None)
