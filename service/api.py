@@ -315,7 +315,7 @@ class InfantinO:
             given_frames = len(frames) + len(frames_base64 or [])
             given_video = len(video) + (video_base64 is not None)
             if bool(given_frames) == bool(given_video) or given_video > 1:
-                raise ApiError(400, "bad_sequence", "send either frames (`frames` / `frames_base64`, 2 or more) or one `video` / `video_base64`")
+                raise ApiError(400, "bad_sequence", "send either frames (`frames` / `frames_base64`, one or more images) or one `video` / `video_base64`")
             if given_frames:
                 if given_frames > self.settings.max_sequence_frames:
                     raise ApiError(413, "too_many_frames", f"{given_frames} frames; the limit is {self.settings.max_sequence_frames}")
