@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     # Online updates (online/updater.py)
     update_min_items: int = 32
     update_interval_s: float = 60.0
-    update_replay_ratio: float = 1.0
+    update_replay_ratio: float = 4.0  # replayed items per new item (training embeddings and older feedback)
+    update_learning_rate: float = 1e-4
+    update_passes: int = 5
     update_holdout_fraction: float = 0.2
     gate_max_val_drop: float = 0.01
     gate_heldout_z: float = 1.0

@@ -1,7 +1,9 @@
 """The evaluation gate: may a candidate head replace the champion?
 
 (a) On the training validation embeddings it may lose at most ``max_val_drop`` accuracy
-    (this is what catches poisoned feedback: learning wrong labels costs validation accuracy);
+    against the lineage's root (the head trained offline, before any online update), so a
+    chain of updates cannot drift further than one allowance; this is also what catches
+    poisoned feedback: learning wrong labels costs validation accuracy;
 (b) on held-out feedback (items never trained on) it must not be worse than the champion.
     "Worse" is judged on the items where the two disagree (a paired, McNemar-style count):
     it is rejected when it loses more of them than it wins by over ``z`` standard errors.
@@ -31,7 +33,9 @@ def _accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(model.predict(x) == y)) if len(y) else float("nan")
 
 
-def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_drop: float, z: float = 1.0) -> GateVerdict:
+def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_drop: float, z: float = 1.0,
+                  root=None) -> GateVerdict:
+    """``root`` is the lineage's offline-trained head (default: the champion itself)."""
     m = {
         "val_accuracy_champion": _accuracy(champion, val_x, val_y),
         "val_accuracy_candidate": _accuracy(candidate, val_x, val_y),
@@ -39,10 +43,11 @@ def evaluate_gate(champion, candidate, val_x, val_y, held_x, held_y, max_val_dro
         "heldout_accuracy_candidate": _accuracy(candidate, held_x, held_y),
         "heldout_items": float(len(held_y)),
     }
+    m["val_accuracy_root"] = m["val_accuracy_champion"] if root is None else _accuracy(root, val_x, val_y)
     reasons = []
-    drop = m["val_accuracy_champion"] - m["val_accuracy_candidate"]
+    drop = m["val_accuracy_root"] - m["val_accuracy_candidate"]
     if drop > max_val_drop + 1e-9:  # float noise must not turn "exactly the allowance" into a rejection
-        reasons.append(f"validation accuracy fell {drop * 100:.2f} points (allowed {max_val_drop * 100:.2f})")
+        reasons.append(f"validation accuracy fell {drop * 100:.2f} points below the offline-trained head's (allowed {max_val_drop * 100:.2f})")
     if len(held_y):
         champ_right = champion.predict(held_x) == held_y
         cand_right = candidate.predict(held_x) == held_y

@@ -33,7 +33,6 @@ from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
 from training.head import EmbeddingSet
 
 log = logging.getLogger(__name__)
-PASSES = 20  # partial_fit epochs over the mixed batch: enough to move; replay and the gate keep it near the champion
 
 
 @dataclass
@@ -68,6 +67,7 @@ class Updater:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._embeddings: dict[str, tuple[EmbeddingSet, EmbeddingSet]] = {}
+        self._roots: dict[str, LoadedHead] = {}
 
     # ---- triggering -----------------------------------------------------------------------------
     def start(self) -> "Updater":
@@ -123,6 +123,13 @@ class Updater:
             self._embeddings[key] = self.registry.load_embeddings(head)
         return self._embeddings[key]
 
+    def _root(self, head: LoadedHead) -> LoadedHead:
+        """The offline-trained head this lineage started from (the gate's fixed reference)."""
+        version = head.tags.get("lineage_root") or head.version
+        if version not in self._roots:
+            self._roots[version] = head if version == head.version else self.registry.load_head(version)
+        return self._roots[version]
+
     def _as_set(self, items: list[FeedbackItem], classes: list[str]) -> EmbeddingSet:
         if not items:
             return EmbeddingSet(np.zeros((0, 64), np.float32), np.zeros(0, np.int64))
@@ -156,13 +163,20 @@ class Updater:
         y = np.concatenate([new_set.y, older.y, base.y])
 
         candidate = copy.deepcopy(champion.model)
+        # A gentle step: partial_fit continues the head's own Adam state, whose step size was
+        # fixed at the first fit; set it here (sklearn reads learning_rate_init at every step).
+        candidate.set_params(learning_rate_init=s.update_learning_rate)
+        if hasattr(candidate, "_optimizer"):
+            candidate._optimizer.learning_rate_init = s.update_learning_rate
         if len(y):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(PASSES):
+                for _ in range(s.update_passes):
                     order = rng.permutation(len(y))
                     candidate.partial_fit(x[order], y[order])
-        verdict = evaluate_gate(champion.model, candidate, validation.x, validation.y, held.x, held.y, s.gate_max_val_drop, s.gate_heldout_z)
+        root = self._root(champion)
+        verdict = evaluate_gate(champion.model, candidate, validation.x, validation.y, held.x, held.y, s.gate_max_val_drop,
+                                s.gate_heldout_z, root=root.model)
         version = self._register(candidate, champion, verdict, new_train, new_held, len(base.y) + len(older.y))
         promoted = verdict.passed
         self.registry.promote("head", version, CHAMPION if promoted else CHALLENGER)
@@ -186,11 +200,13 @@ class Updater:
     def _register(self, candidate, champion: LoadedHead, verdict, new_train, new_held, n_replay: int) -> str:
         tags = {
             "origin": "online_update", "parent_version": champion.version, "embeddings_run_id": champion.embeddings_run_id,
+            "lineage_root": champion.tags.get("lineage_root") or champion.version,
             "gate": verdict.summary[:4000], "feedback_items": str(len(new_train)),
             "val_accuracy": f"{verdict.metrics['val_accuracy_candidate']:.4f}",
         }
         with self.registry.start_run(f"online-update-from-v{champion.version}", tags={"kind": "online_update"}):
-            mlflow.log_params({"parent_version": champion.version, "passes": PASSES, "replay_items": n_replay,
+            mlflow.log_params({"parent_version": champion.version, "passes": self.settings.update_passes,
+                               "learning_rate": self.settings.update_learning_rate, "replay_items": n_replay,
                                "new_items": len(new_train), "held_out_new": len(new_held)})
             mlflow.log_metrics({k: v for k, v in verdict.metrics.items() if np.isfinite(v)})
             with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ from serving import faces, train_tiny_registry
 from service.process import PROJECT_ROOT, BentoServer
 
 pytestmark = pytest.mark.slow
+TOKEN = "online-test-token"
 ALLOWED_DROP = 0.05  # 1 item in ~45: the tiny validation set cannot resolve the default 1 point
 
 
@@ -33,8 +34,10 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(home):
     env = {"INFANTINO_HOME": str(home), "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
-           "INFANTINO_UPDATE_MIN_ITEMS": "36", "INFANTINO_UPDATE_INTERVAL_S": "3",
-           "INFANTINO_GATE_MAX_VAL_DROP": str(ALLOWED_DROP)}
+           "INFANTINO_UPDATE_MIN_ITEMS": "36", "INFANTINO_UPDATE_INTERVAL_S": "100000", "INFANTINO_ADMIN_TOKEN": TOKEN,
+           "INFANTINO_GATE_MAX_VAL_DROP": str(ALLOWED_DROP),
+           # the drawn faces are an easy problem: a bolder step than the production default
+           "INFANTINO_UPDATE_LEARNING_RATE": "1e-3", "INFANTINO_UPDATE_PASSES": "20", "INFANTINO_UPDATE_REPLAY_RATIO": "1"}
     with BentoServer(env, log_path=home.parent / "serve.log") as srv:
         yield srv
 
@@ -75,9 +78,12 @@ def test_shifted_domain_feedback_is_learned(server, home):
         stream = faces(24, seed=7, shifted=True)
         np.random.default_rng(0).shuffle(stream)  # users correct whatever comes, not class by class
         post_feedback(client, stream)  # 72 items: two triggers of 36
+        # The trigger takes whatever is queued when it fires; leftovers below the threshold
+        # are run on demand, as an operator would (POST /admin/update; 409 while one runs).
         deadline = time.time() + 90
         while client.get("/model").json()["queue"]["queued"]:
             assert time.time() < deadline, "the queue was not drained by the updater"
+            client.post("/admin/update", json={"force": True}, headers={"Authorization": f"Bearer {TOKEN}"})
             time.sleep(0.3)
         champion = registry.champion_version("head")
         assert int(champion) > 1, [v["tags"].get("gate") for v in registry.list_versions("head")]
@@ -105,7 +111,7 @@ def test_poisoned_feedback_is_rejected(server, home, poison):
     registry = registry_for(home)
     champion_before = registry.champion_version("head")
     latest = max(int(v["version"]) for v in registry.list_versions("head"))
-    items = faces(12, seed=300 if poison == "systematic" else 301)  # the original domain
+    items = faces(12, seed=300 if poison == "systematic" else 301)  # the original domain: 36 items, one trigger
     np.random.default_rng(1).shuffle(items)
     names = ["happy", "sad", "surprise"]
     if poison == "systematic":
