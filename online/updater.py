@@ -130,6 +130,32 @@ class Updater:
             self._roots[version] = head if version == head.version else self.registry.load_head(version)
         return self._roots[version]
 
+    def reembed(self, backbone_version: str) -> dict[str, int]:
+        """After a backbone change, re-embed stored feedback from its images with the new backbone.
+
+        Items stored without images (the privacy setting) cannot follow: they are counted and
+        left out of updates, as their embeddings belong to a backbone no longer served.
+        """
+        stale = [i for i in self.queue.items(self.task, include_images=False) if i.backbone_version != backbone_version]
+        if not stale:
+            return {"reembedded": 0, "without_image": 0}
+        from infantino.images import open_image, to_model_array
+        from training.model import embed_images
+
+        backbone = self.registry.load_backbone(backbone_version)
+        prep = backbone.preprocessing
+        done = without_image = 0
+        for item in stale:
+            full = self.queue.get(item.id)
+            if full is None or not full.image:
+                without_image += 1
+                continue
+            x = to_model_array(open_image(full.image), prep.input_size, prep.grayscale)[None]
+            self.queue.set_embedding(item.id, embed_images(backbone.model, x, prep)[0], backbone_version)
+            done += 1
+        log.info("re-embedded %d feedback item(s) with backbone v%s; %d without image left out", done, backbone_version, without_image)
+        return {"reembedded": done, "without_image": without_image}
+
     def _as_set(self, items: list[FeedbackItem], classes: list[str]) -> EmbeddingSet:
         if not items:
             return EmbeddingSet(np.zeros((0, 64), np.float32), np.zeros(0, np.int64))
@@ -142,6 +168,7 @@ class Updater:
         champion = self.registry.load_head(CHAMPION)
         classes = champion.classes
         replay, validation = self._training_embeddings(champion)
+        self.reembed(champion.backbone_version)
 
         queued = self.queue.queued(self.task)
         usable = [i for i in queued if i.backbone_version == champion.backbone_version and i.label in classes and i.embedding is not None]
