@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -77,6 +78,17 @@ def test_shifted_domain_feedback_is_learned(server, home):
         assert versions == {"1"}
         stream = faces(24, seed=7, shifted=True)
         np.random.default_rng(0).shuffle(stream)  # users correct whatever comes, not class by class
+        # Meanwhile, predictions keep flowing: none may fail while models are swapped.
+        in_flight: list[int] = []
+        stop = threading.Event()
+
+        def keep_predicting():
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                while not stop.is_set():
+                    in_flight.append(c.post("/predict", json={"image_base64": base64.b64encode(test_set[0][0]).decode()}).status_code)
+
+        hammer = threading.Thread(target=keep_predicting)
+        hammer.start()
         post_feedback(client, stream)  # 72 items: two triggers of 36
         # The trigger takes whatever is queued when it fires; leftovers below the threshold
         # are run on demand, as an operator would (POST /admin/update; 409 while one runs).
@@ -95,6 +107,17 @@ def test_shifted_domain_feedback_is_learned(server, home):
                 break
             time.sleep(0.5)
         assert versions == {registry.champion_version("head")}
+        stop.set()
+        hammer.join()
+        assert in_flight and set(in_flight) == {200}, sorted(set(in_flight))
+        # Rollback: every worker follows the alias back.
+        promoted = registry.champion_version("head")
+        previous = registry.rollback("head")
+        deadline = time.time() + 10
+        while accuracy(client, test_set[:3])[1] != {previous} and time.time() < deadline:
+            time.sleep(0.3)
+        assert accuracy(client, test_set[:3])[1] == {previous}
+        registry.promote("head", promoted)
     assert after > before, (before, after)
     # What the gate promised: original validation accuracy fell at most the allowance.
     champion = registry.load_head("champion")
