@@ -76,6 +76,14 @@ def infant_split(
     return list(s_f), np.asarray(s_y), list(t_f), np.asarray(t_y)
 
 
+def bootstrap_home(home: Path) -> "subprocess.CompletedProcess[str]":
+    """Register the shipped model (infantino/default_model) as champion in a fresh INFANTINO_HOME."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "infantino.cli", "bootstrap"], cwd=BENCH.parent,
+                          env={**os.environ, "INFANTINO_HOME": str(home)}, capture_output=True, text=True)
+
+
 def machine_info() -> dict:
     return {
         "platform": platform.platform(),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import io
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from common import write_result  # noqa: E402
+from common import bootstrap_home, write_result  # noqa: E402
 
 from service.process import BentoServer  # noqa: E402
 
@@ -76,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        subprocess.run([sys.executable, "-m", "infantino.cli", "bootstrap"], cwd=ROOT, check=True, env={**os.environ, "INFANTINO_HOME": str(home)})
+        bootstrap_home(home).check_returncode()
         env = {"INFANTINO_HOME": str(home), "INFANTINO_UPDATE_MIN_ITEMS": "100000000", "INFANTINO_UPDATE_INTERVAL_S": "100000000",
                "INFANTINO_BATCH_MAX_LATENCY_MS": "60000"}
         img = face_png()

@@ -23,8 +23,6 @@ import argparse
 import base64
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from common import DATA, FER_CLASSES, RESULTS, infant_split, write_result  # noqa: E402
+from common import DATA, FER_CLASSES, RESULTS, bootstrap_home, infant_split, write_result  # noqa: E402
 
 from infantino.faces import create_detector, crop_largest_face  # noqa: E402
 from infantino.images import open_image, to_model_array  # noqa: E402
@@ -97,8 +95,7 @@ def main() -> None:
     s_files, s_y, t_files, t_y = infant_split()
     tmp = Path(tempfile.mkdtemp(prefix="infant-bench-"))
     home = tmp / "home"
-    subprocess.run([sys.executable, "-m", "infantino.cli", "bootstrap"], cwd=ROOT, check=True,
-                   env={**os.environ, "INFANTINO_HOME": str(home)})
+    bootstrap_home(home).check_returncode()
     registry = ModelRegistry(Settings(home=home))
     shipped_head = registry.load_head("champion")
     backbone = registry.load_backbone(shipped_head.backbone_version)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import DATA, FER_CLASSES, write_result  # noqa: E402
+from common import DATA, FER_CLASSES, bootstrap_home, write_result  # noqa: E402
 
 from infantino.settings import Settings  # noqa: E402
 from registry.store import ModelRegistry  # noqa: E402
@@ -63,8 +62,7 @@ def feedback_images(n: int, classes: list[str], seed: int) -> list[tuple[bytes, 
 
 
 def prepare_home(home: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "infantino.cli", "bootstrap"], cwd=ROOT,
-                         env={**__import__("os").environ, "INFANTINO_HOME": str(home)}, capture_output=True, text=True)
+    out = bootstrap_home(home)
     if out.returncode == 0:
         return "shipped model (infantino/default_model)"
     from serving import train_tiny_registry
