@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,15 @@ class ModelRegistry:
         self.settings = settings or get_settings()
         self.task = task or self.settings.task
         self.tracking_uri = tracking_uri or self.settings.resolved_tracking_uri
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
+        # MLflow also exports the URI to the environment, where child processes (a `bentoml
+        # serve`, the CLI) and later Settings would take it as *their* registry: keep the
+        # environment as the user set it.
+        if user_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_uri
         self.client = MlflowClient(self.tracking_uri)
         prefix = self.settings.model_prefix
         self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}

@@ -300,3 +300,20 @@ def test_cli_unknown_backbone_fails_clearly(tiny_folder):
     assert reg.list_versions("backbone") == [] and reg.list_versions("head") == []
     runs = reg.client.search_runs([reg.experiment_id()])
     assert [r.info.status for r in runs] == ["FAILED"]  # the run is closed, not left running
+
+
+def test_a_registry_does_not_leak_its_uri_to_child_processes(tmp_path, monkeypatch):
+    """MLflow exports the tracking URI to os.environ; a `bentoml serve` started afterwards
+    must still find its registry through its own INFANTINO_HOME."""
+    import os
+
+    from infantino.settings import Settings
+    from registry.store import ModelRegistry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ModelRegistry(Settings(home=tmp_path / "a"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert Settings(home=tmp_path / "b").resolved_tracking_uri.endswith(str(tmp_path / "b" / "mlflow.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///chosen-by-the-user.db")
+    ModelRegistry(Settings(home=tmp_path / "c"), tracking_uri=f"sqlite:///{tmp_path / 'c.db'}")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///chosen-by-the-user.db"
