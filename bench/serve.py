@@ -584,14 +584,19 @@ def bench_mlflow(home: Path, work: Path, photos, expected, levels, args) -> dict
     out["server"] = " ".join(shlex.quote(c) for c in cmd[1:]).replace("-m mlflow", "mlflow", 1)
     logp = work / "mlflow_serve.log"
     out["log"] = str(logp)
+    bodies, headers = mlflow_bodies(photos)
+    target = Target("mlflow serve", f"http://127.0.0.1:{port}", "/invocations", bodies, headers,
+                    lambda j: j["predictions"][0]["label"])
+    return measure_server(out, cmd, env, logp, target, expected, levels, args)
+
+
+def measure_server(out: dict, cmd: list[str], env: dict, logp: Path, target: "Target", expected, levels, args) -> dict:
+    """Start an alternative server, wait for its /ping, check one answer, then load it level by level."""
     t = time.perf_counter()
     proc = start_proc(cmd, env, logp)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, 300, logp)
+        wait_http(f"{target.url}/ping", proc, 300, logp)
         out["startup_s"] = round(time.perf_counter() - t, 1)
-        bodies, headers = mlflow_bodies(photos)
-        target = Target("mlflow serve", f"http://127.0.0.1:{port}", "/invocations", bodies, headers,
-                        lambda j: j["predictions"][0]["label"])
         out["check"] = check_target(target, expected)
         for c in levels:
             out[f"c{c}"] = run_level(target, c, args.duration, args.warmup)
@@ -614,19 +619,9 @@ def bench_flask(home: Path, work: Path, photos, expected, levels, args) -> dict:
         desc = "Flask dev server, threaded=True (bench/flask_baseline.py)"
     logp = work / "flask.log"
     out: dict = {"server": desc, "log": str(logp)}
-    t = time.perf_counter()
-    proc = start_proc(cmd, base_env(home), logp)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, 300, logp)
-        out["startup_s"] = round(time.perf_counter() - t, 1)
-        bodies, headers = multipart_bodies(photos)
-        target = Target("Flask", f"http://127.0.0.1:{port}", "/predict", bodies, headers, lambda j: j["label"])
-        out["check"] = check_target(target, expected)
-        for c in levels:
-            out[f"c{c}"] = run_level(target, c, args.duration, args.warmup)
-    finally:
-        stop_proc(proc)
-    return out
+    bodies, headers = multipart_bodies(photos)
+    target = Target("Flask", f"http://127.0.0.1:{port}", "/predict", bodies, headers, lambda j: j["label"])
+    return measure_server(out, cmd, base_env(home), logp, target, expected, levels, args)
 
 
 # ---- report -------------------------------------------------------------------------------------
