@@ -33,7 +33,7 @@ from training.head import TRUSTED_TYPES, EmbeddingSet
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-REPLAY_FILE, VALIDATION_FILE = "embeddings/replay.npz", "embeddings/validation.npz"
+EMBEDDINGS_DIR, REPLAY_FILE, VALIDATION_FILE = "embeddings", "replay.npz", "validation.npz"
 
 
 class RegistryError(RuntimeError):
@@ -116,7 +116,7 @@ class ModelRegistry:
         example = np.zeros((1, 3, preprocessing.input_size, preprocessing.input_size), np.float32)
         with torch.inference_mode():
             out = model.eval()(torch.from_numpy(example)).numpy()
-        version_tags = {**tags, **_prep_tags(preprocessing), "label_set": ",".join(classes), "task": self.task}
+        version_tags = {**tags, **preprocessing_tags(preprocessing), "label_set": ",".join(classes), "task": self.task}
         info = mlflow.pytorch.log_model(
             model, name="backbone", registered_model_name=self.names["backbone"],
             signature=infer_signature(example, out), input_example=example,
@@ -144,8 +144,8 @@ class ModelRegistry:
         run_id = mlflow.active_run().info.run_id
         if replay is not None and validation is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                mlflow.log_artifact(str(replay.save(Path(tmp) / "replay.npz")), "embeddings")
-                mlflow.log_artifact(str(validation.save(Path(tmp) / "validation.npz")), "embeddings")
+                mlflow.log_artifact(str(replay.save(Path(tmp) / REPLAY_FILE)), EMBEDDINGS_DIR)
+                mlflow.log_artifact(str(validation.save(Path(tmp) / VALIDATION_FILE)), EMBEDDINGS_DIR)
             tags = {**tags, "embeddings_run_id": run_id}
         example = np.zeros((1, head.coefs_[0].shape[0]), np.float32)
         info = mlflow.sklearn.log_model(
@@ -259,21 +259,21 @@ class ModelRegistry:
     def load_backbone(self, version_or_alias: str | int = CHAMPION) -> LoadedBackbone:
         mv = self.version_info("backbone", version_or_alias)
         model = mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu").eval()
-        return LoadedBackbone(model, str(mv.version), _prep_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
+        return LoadedBackbone(model, str(mv.version), preprocessing_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
 
     def load_embeddings(self, head: LoadedHead) -> tuple[EmbeddingSet, EmbeddingSet]:
         """The replay and validation embeddings that travel with a head's lineage."""
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(mlflow.artifacts.download_artifacts(run_id=head.embeddings_run_id, artifact_path="embeddings", dst_path=tmp))
-            return EmbeddingSet.load(folder / "replay.npz"), EmbeddingSet.load(folder / "validation.npz")
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=head.embeddings_run_id, artifact_path=EMBEDDINGS_DIR, dst_path=tmp))
+            return EmbeddingSet.load(folder / REPLAY_FILE), EmbeddingSet.load(folder / VALIDATION_FILE)
 
     def has_champion(self) -> bool:
         return self.champion_version("head") is not None
 
 
-def _prep_tags(p: Preprocessing) -> dict[str, str]:
+def preprocessing_tags(p: Preprocessing) -> dict[str, str]:
     return {f"preprocessing.{k}": str(v) for k, v in p.to_dict().items()} | {"input_size": str(p.input_size)}
 
 
-def _prep_from_tags(tags: dict[str, str]) -> Preprocessing:
+def preprocessing_from_tags(tags: dict[str, str]) -> Preprocessing:
     return Preprocessing.from_dict({k.split(".", 1)[1]: v for k, v in tags.items() if k.startswith("preprocessing.")})

@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from infantino.settings import Settings
-from registry.store import CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, _prep_from_tags
+from registry.store import CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags
 
 log = logging.getLogger(__name__)
-
-
-def bento_model_name(registry: ModelRegistry, kind: str) -> str:
-    return registry.names[kind]
 
 
 class ModelSource:
@@ -47,9 +43,9 @@ class ModelSource:
     def backbone_preprocessing(self, backbone_version: str):
         """The preprocessing a backbone version expects, read from its tags (no weights loaded)."""
         try:
-            return _prep_from_tags(self.registry.version_info("backbone", backbone_version).tags)
+            return preprocessing_from_tags(self.registry.version_info("backbone", backbone_version).tags)
         except RegistryError:
-            return _prep_from_tags(self._bundled("backbone").info.metadata["tags"])
+            return preprocessing_from_tags(self._bundled("backbone").info.metadata["tags"])
 
     def load_head(self, version: str | None = None) -> LoadedHead:
         version = version or self.champion_head_version()
@@ -91,7 +87,7 @@ class ModelSource:
         bm = self._bundled("backbone")
         tags = dict(bm.info.metadata["tags"])
         model = mlflow.pytorch.load_model(str(Path(bm.path) / "mlflow_model"), map_location="cpu").eval()
-        return LoadedBackbone(model, bm.info.metadata["version"], _prep_from_tags(tags), tags["label_set"].split(","), tags)
+        return LoadedBackbone(model, bm.info.metadata["version"], preprocessing_from_tags(tags), tags["label_set"].split(","), tags)
 
 
 class ChampionWatcher:
