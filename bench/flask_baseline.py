@@ -51,7 +51,7 @@ def create_app() -> Flask:
         if upload is None:
             return jsonify(error="missing_image", message="send a multipart field 'image'"), 400
         try:
-            img = open_image(upload.read(), settings.max_image_bytes, settings.max_image_pixels)
+            img = open_image(upload.read(), settings.max_image_bytes, settings.max_image_pixels, prep.input_size)
         except ImageError as exc:
             return jsonify(error=exc.code, message=str(exc)), 400
         x = normalise(to_model_array(img, prep.input_size, prep.grayscale)[None], prep)

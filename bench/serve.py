@@ -234,7 +234,7 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
     model, prep, clf = backbone.model.eval(), backbone.preprocessing, head.model
 
     def preprocess(raw: bytes) -> np.ndarray:
-        return to_model_array(open_image(raw), prep.input_size, prep.grayscale)
+        return to_model_array(open_image(raw, reduce_to=prep.input_size), prep.input_size, prep.grayscale)
 
     def infer(arrays: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -474,7 +474,7 @@ def make_pyfunc_class():
 
             from infantino.images import normalise, open_image, to_model_array
 
-            arrays = [to_model_array(open_image(_b64.b64decode(s)), self.prep.input_size, self.prep.grayscale)
+            arrays = [to_model_array(open_image(_b64.b64decode(s), reduce_to=self.prep.input_size), self.prep.input_size, self.prep.grayscale)
                       for s in model_input["image_base64"]]
             with torch.inference_mode():
                 emb = self.backbone(torch.from_numpy(normalise(np.stack(arrays), self.prep))).float().numpy()

@@ -7,3 +7,4 @@ image decoding and the command-line tool.
 """
 
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+EMBEDDING_DIM = 64  # every backbone ends in an embedding of this size; heads read it

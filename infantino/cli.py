@@ -35,7 +35,8 @@ def _registry(task: str | None, tracking_uri: str | None):
     return ModelRegistry(task=task, tracking_uri=tracking_uri)
 
 
-task_option = click.option("--task", default=None, help="Task name (default: expression). Each task has its own models and label set.")
+task_option = click.option("--task", default=None, help="Task name (default: the first of INFANTINO_TASKS, expression). "
+                           "Each task has its own models and label set.")
 uri_option = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
                           help="MLflow tracking URI (default: SQLite under $INFANTINO_HOME, ./.infantino).")
 
@@ -74,6 +75,7 @@ def main(verbose: bool) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present).")
 @click.option("--out-dir", default=None, help="Where checkpoints go (default: $INFANTINO_HOME/runs/<task>-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
+@click.option("--init-from", default=None, help="Start from this registered backbone version or alias (e.g. champion) under a fresh schedule.")
 @click.option("--no-promote", is_flag=True, help="Register without making the new versions champion.")
 @click.option("--crop-faces", type=click.Choice(["none", "haar", "yunet"]), default="none",
               help="Read image folders from their largest face (whole scenes -> face crops), as the service's face_crop does.")
@@ -81,8 +83,9 @@ def main(verbose: bool) -> None:
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, weight_decay,
           label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
-          seed, threads, device, out_dir, resume, no_promote, crop_faces, task, tracking_uri):
+          seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow."""
+    from registry.store import RegistryError
     from training.data import DatasetError
     from training.model import BackboneError
     from training.pipeline import train_and_register
@@ -97,8 +100,8 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
     )
     try:
         train_and_register(data, cfg, _registry(task, tracking_uri), _classes(classes), limit, out_dir, resume,
-                           not no_promote, crop_faces=crop_faces)
-    except (DatasetError, BackboneError) as exc:
+                           not no_promote, crop_faces=crop_faces, init_from=init_from)
+    except (DatasetError, BackboneError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -214,12 +217,12 @@ def bootstrap(if_empty, task, tracking_uri):
     """Register the model shipped in infantino/default_model/ as champion (first run)."""
     from infantino.shipped import DEFAULT_DIR, register_shipped
 
-    reg = _registry(task, tracking_uri)
-    if if_empty and reg.has_champion():
-        click.echo(f"registry at {reg.tracking_uri} already has a champion (head v{reg.champion_version('head')})")
-        return
     if not (DEFAULT_DIR / "model.json").exists():
         raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
+    reg = _registry(task or json.loads((DEFAULT_DIR / "model.json").read_text())["task"], tracking_uri)
+    if if_empty and reg.has_champion():
+        click.echo(f"registry at {reg.tracking_uri} already has a {reg.task} champion (head v{reg.champion_version('head')})")
+        return
     bv, hv = register_shipped(reg)
     click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.tracking_uri})")
 
@@ -243,11 +246,14 @@ def export_default(out_dir, command, task, tracking_uri):
 @task_option
 @uri_option
 def bundle(task, tracking_uri):
-    """Copy the champion backbone and head into BentoML's model store for `bentoml build`."""
+    """Copy the champion backbone and head of --task (default: every task in INFANTINO_TASKS)
+    into BentoML's model store for `bentoml build`."""
+    from infantino.settings import get_settings
     from registry.bundle import bundle_champions
 
-    for tag in bundle_champions(_registry(task, tracking_uri)):
-        click.echo(f"bundled {tag}")
+    for name in [task] if task else get_settings().tasks:
+        for tag in bundle_champions(_registry(name, tracking_uri)):
+            click.echo(f"bundled {tag}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -21,7 +22,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".infantino"), description="Local data folder for the embedded defaults.")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; MLFLOW_TRACKING_URI also works.")
     model_prefix: str = Field(default="infantino", description="Registered models are <prefix>-<task>-backbone/-head.")
-    task: str = "expression"
+    # The tasks one service answers, each with its own models and labels (INFANTINO_TASKS=
+    # expression,age_group). The first is the default: of the CLI, and of /feedback without `task`.
+    tasks: Annotated[list[str], NoDecode] = ["expression"]
 
     # Feedback queue (online/queue.py): any SQLAlchemy URL; SQLite under home by default.
     queue_url: str | None = None
@@ -31,7 +34,7 @@ class Settings(BaseSettings):
     update_min_items: int = 32
     update_interval_s: float = 60.0
     update_replay_ratio: float = 4.0  # replayed items per new item (training embeddings and older feedback)
-    update_learning_rate: float = 1e-4
+    update_learning_rate: float = 3e-4  # chosen by bench/online_tuning.py
     update_passes: int = 5
     update_holdout_fraction: float = 0.2
     gate_max_val_drop: float = 0.01
@@ -56,6 +59,19 @@ class Settings(BaseSettings):
     api_workers: int = 1
     torch_threads: int = 0  # 0 = let torch decide (all cores)
     admin_token: str | None = None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+        names = [t for t in names if t]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"tasks must be a comma list of distinct names; got {value!r}")
+        return names
+
+    @property
+    def default_task(self) -> str:
+        return self.tasks[0]
 
     @property
     def resolved_tracking_uri(self) -> str:

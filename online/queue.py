@@ -364,28 +364,37 @@ class FeedbackQueue:
         head_version: str,
         image: bytes | None = None,
     ) -> None:
-        """Store (or replace) the prediction ``prediction_id``.
+        """Store (or replace) the prediction ``prediction_id``."""
+        self.record_predictions([dict(prediction_id=prediction_id, task=task, label=label, embedding=embedding,
+                                      backbone_version=backbone_version, head_version=head_version, image=image)])
 
-        Ids are expected to be unique (uuid4); two replicas recording the same new id at the
-        same instant on PostgreSQL would see an IntegrityError in one of them.
+    def record_predictions(self, predictions: Sequence[dict]) -> None:
+        """Store (or replace) several predictions in one transaction (one request's answers).
+
+        Each dict has the keyword arguments of :meth:`record_prediction`. Ids are expected to
+        be unique (uuid4); two replicas recording the same new id at the same instant on
+        PostgreSQL would see an IntegrityError in one of them.
         """
-        _check_str("prediction_id", prediction_id, _MAX_ID)
-        _check_str("task", task, _MAX_NAME)
-        _check_str("label", label, _MAX_NAME)
-        _check_str("backbone_version", backbone_version, _MAX_NAME)
-        _check_str("head_version", head_version, _MAX_NAME)
-        blob, dim = _encode(embedding)
-        if blob is None:
-            raise ValueError("embedding must not be None")
-        values = dict(
-            task=task, label=label, embedding=blob, embedding_dim=dim, backbone_version=backbone_version,
-            head_version=head_version, image=_check_bytes("image", image), created=time.time(),
-        )
+        now = time.time()
+        rows = []
+        for p in predictions:
+            for name in ("prediction_id", "task", "label", "backbone_version", "head_version"):
+                _check_str(name, p[name], _MAX_ID if name == "prediction_id" else _MAX_NAME)
+            blob, dim = _encode(p["embedding"])
+            if blob is None:
+                raise ValueError("embedding must not be None")
+            rows.append(dict(
+                prediction_id=p["prediction_id"], task=p["task"], label=p["label"], embedding=blob, embedding_dim=dim,
+                backbone_version=p["backbone_version"], head_version=p["head_version"],
+                image=_check_bytes("image", p.get("image")), created=now,
+            ))
         t = self._predictions
-        # Not durable=True: one per prediction is too many fsyncs, and losing the last few to a power cut is harmless.
+        # Not durable=True: one fsync per request is too many, and losing the last few to a power cut is harmless.
         with self._tx(write=True, durable=False) as conn:
-            if conn.execute(t.update().where(t.c.prediction_id == prediction_id).values(**values)).rowcount == 0:
-                conn.execute(t.insert().values(prediction_id=prediction_id, **values))
+            for row in rows:
+                values = {k: v for k, v in row.items() if k != "prediction_id"}
+                if conn.execute(t.update().where(t.c.prediction_id == row["prediction_id"]).values(**values)).rowcount == 0:
+                    conn.execute(t.insert().values(**row))
 
     def get_prediction(self, prediction_id: str) -> dict | None:
         """``{'prediction_id','task','label','embedding','backbone_version','head_version','image','created'}`` or None."""

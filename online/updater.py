@@ -26,6 +26,7 @@ from typing import Callable
 import mlflow
 import numpy as np
 
+from infantino import EMBEDDING_DIM
 from infantino.settings import Settings
 from online.gate import evaluate_gate
 from online.queue import FeedbackItem, FeedbackQueue
@@ -150,7 +151,7 @@ class Updater:
             if full is None or not full.image:
                 without_image += 1
                 continue
-            x = to_model_array(open_image(full.image), prep.input_size, prep.grayscale)[None]
+            x = to_model_array(open_image(full.image, reduce_to=prep.input_size), prep.input_size, prep.grayscale)[None]
             self.queue.set_embedding(item.id, embed_images(backbone.model, x, prep)[0], backbone_version)
             done += 1
         log.info("re-embedded %d feedback item(s) with backbone v%s; %d without image left out", done, backbone_version, without_image)
@@ -158,7 +159,7 @@ class Updater:
 
     def _as_set(self, items: list[FeedbackItem], classes: list[str]) -> EmbeddingSet:
         if not items:
-            return EmbeddingSet(np.zeros((0, 64), np.float32), np.zeros(0, np.int64))
+            return EmbeddingSet(np.zeros((0, EMBEDDING_DIM), np.float32), np.zeros(0, np.int64))
         return EmbeddingSet(np.stack([i.embedding for i in items]).astype(np.float32),
                             np.array([classes.index(i.label) for i in items], np.int64))
 

@@ -74,7 +74,7 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings | None = None, task: str | None = None, tracking_uri: str | None = None):
         self.settings = settings or get_settings()
-        self.task = task or self.settings.task
+        self.task = task or self.settings.default_task
         self.tracking_uri = tracking_uri or self.settings.resolved_tracking_uri
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)

@@ -2,9 +2,11 @@
 
 It decodes and resizes images (the same decoder training uses), asks the backbone service for
 embeddings (adaptive batching happens there), applies the scikit-learn head, and writes each
-prediction and feedback durably to the shared queue before answering. Every worker follows
-the registry's champion on its own (``service.models.ChampionWatcher``) and runs the online
-updater loop, which takes a lease in the shared store so only one update runs at a time.
+prediction and feedback durably to the shared queue before answering. One service answers
+every enabled task (INFANTINO_TASKS, each its own backbone, head and labels) in one response.
+Every worker follows each task's champion on its own (``service.models.ChampionWatcher``) and
+runs each task's online updater loop, which takes a lease in the shared store so only one
+update per task runs at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from infantino.faces import Face, create_detector, crop_face
-from infantino.images import ImageError, Preprocessing, open_image, to_model_array
+from infantino import EMBEDDING_DIM
+from infantino.images import ImageError, Preprocessing, open_image, shared_input, to_model_array
 from infantino.settings import get_settings
 from online.queue import FeedbackQueue
 from online.updater import Updater
@@ -35,7 +38,7 @@ from registry.store import LoadedHead
 from service import metrics
 from service.backbone import BackboneService
 from service.errors import ApiError
-from service.models import ChampionWatcher, ModelSource
+from service.models import ChampionFollower
 from service.sequence import SequenceError, aggregate, decode_video
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class Region:
 
 @dataclass(frozen=True)
 class Served:
-    """What one worker serves right now; replaced as a whole on a swap."""
+    """What one worker serves for one task right now; replaced as a whole on a swap."""
 
     head: LoadedHead
     preprocessing: Preprocessing
@@ -64,8 +67,30 @@ class Served:
         return self.head.classes
 
 
+class ServedHead(ChampionFollower):
+    """One task's champion head in this worker, with the preprocessing of its backbone."""
+
+    def __init__(self, task: str):
+        self.served: Served | None = None
+        super().__init__(SETTINGS, task)
+
+    def current_head_version(self) -> str | None:
+        return self.served.head.version if self.served else None
+
+    def switch(self, head_version: str | None) -> None:
+        head = self.source.load_head(head_version)
+        self.served = Served(head, self.source.backbone_preprocessing(head.backbone_version))  # atomic swap
+        metrics.SERVED_VERSION.labels(task=self.task, kind="head").set(float(head.version))
+        metrics.SERVED_VERSION.labels(task=self.task, kind="backbone").set(float(head.backbone_version))
+        log.info("%s: serving head v%s (backbone v%s)", self.task, head.version, head.backbone_version)
+
+
+# A snapshot of every task's Served, read once per request so a swap mid-request cannot mix versions.
+Snapshot = dict[str, Served]
+
+
 async def model_info(request: Request) -> JSONResponse:
-    if _SERVICE is None or _SERVICE.served is None:
+    if _SERVICE is None or not _SERVICE.__is_ready__():
         return JSONResponse({"error": "not_ready", "message": "models are not loaded yet"}, status_code=503)
     return JSONResponse(await asyncio.to_thread(_SERVICE.describe))
 
@@ -82,44 +107,44 @@ class InfantinO:
     def __init__(self) -> None:
         global _SERVICE
         self.settings = SETTINGS
-        self.task = SETTINGS.task
-        self.source = ModelSource(SETTINGS)
+        self.default_task = SETTINGS.default_task
         self.queue = FeedbackQueue(SETTINGS.resolved_queue_url)
-        self.served: Served | None = None
         self.detector = create_detector(SETTINGS.face_detector, SETTINGS.face_model_path)
-        try:
-            self._switch(self.source.champion_head_version())
-        except Exception:
-            log.exception("no model loaded yet; readiness stays false until the registry has a champion")
-        self.watcher = ChampionWatcher(self.source, self._current_head_version, self._switch, SETTINGS.model_poll_s).start()
-        self.updater = Updater(SETTINGS, self.source.registry, self.queue, on_promoted=self.watcher.check_now).start()
+        self.tasks = {task: ServedHead(task) for task in SETTINGS.tasks}
+        self.updaters = {
+            task: Updater(SETTINGS, heads.source.registry, self.queue, on_promoted=heads.watcher.check_now).start()
+            for task, heads in self.tasks.items()
+        }
         _SERVICE = self
 
     # ---- models -------------------------------------------------------------------------------
-    def _current_head_version(self) -> str | None:
-        return self.served.head.version if self.served else None
-
-    def _switch(self, head_version: str | None) -> None:
-        head = self.source.load_head(head_version)
-        served = Served(head, self.source.backbone_preprocessing(head.backbone_version))
-        self.served = served  # atomic swap: requests in flight finish with the object they read
-        metrics.SERVED_VERSION.labels(task=self.task, kind="head").set(float(head.version))
-        metrics.SERVED_VERSION.labels(task=self.task, kind="backbone").set(float(head.backbone_version))
-        log.info("serving head v%s (backbone v%s)", head.version, head.backbone_version)
-
     def __is_ready__(self) -> bool:
-        return self.served is not None
+        return all(t.served is not None for t in self.tasks.values())
 
-    def _require_served(self) -> Served:
-        if self.served is None:
-            raise ApiError(503, "not_ready", "models are not loaded yet; retry shortly")
-        return self.served
+    def _snapshot(self) -> Snapshot:
+        snapshot = {task: heads.served for task, heads in self.tasks.items()}
+        missing = [task for task, served in snapshot.items() if served is None]
+        if missing:
+            raise ApiError(503, "not_ready", f"models of {', '.join(missing)} are not loaded yet; retry shortly")
+        return snapshot
+
+    def _task(self, task: str | None) -> str:
+        if task is None:
+            return self.default_task
+        if task not in self.tasks:
+            raise ApiError(422, "unknown_task", f"task {task!r} is not served here", accepted=list(self.tasks))
+        return task
 
     def describe(self) -> dict:
-        served = self._require_served()
-        reg = self.source.registry
-        out = {"task": self.task, "labels": served.classes, "preprocessing": served.preprocessing.to_dict(),
-               "queue": self.queue.counts(self.task), "tracking_uri": reg.tracking_uri}
+        """GET /model: every task's models; the default task's also at the top level (single-task clients)."""
+        snapshot = self._snapshot()
+        tasks = {task: self._describe_task(task, served) for task, served in snapshot.items()}
+        return {**tasks[self.default_task], "tasks": tasks}
+
+    def _describe_task(self, task: str, served: Served) -> dict:
+        reg = self.tasks[task].source.registry
+        out = {"task": task, "labels": served.classes, "preprocessing": served.preprocessing.to_dict(),
+               "queue": self.queue.counts(task), "tracking_uri": reg.tracking_uri}
         for kind, version in (("head", served.head.version), ("backbone", served.head.backbone_version)):
             entry = {"name": reg.names[kind], "version": version}
             try:
@@ -163,7 +188,9 @@ class InfantinO:
     def _regions(self, raw: bytes, prep: Preprocessing, faces: str = "whole", field: str = "image") -> list[Region]:
         """Decode once; ``faces`` is "whole" (the image), "largest" (that face, else the image) or "all"."""
         try:
-            img = open_image(raw, self.settings.max_image_bytes, self.settings.max_image_pixels)
+            # Whole images only go to the model size: decode JPEGs at reduced scale. Face search needs the detail.
+            reduce_to = prep.input_size if faces == "whole" else None
+            img = open_image(raw, self.settings.max_image_bytes, self.settings.max_image_pixels, reduce_to)
         except ImageError as exc:
             raise ApiError.from_image_error(exc, field) from None
         return self._regions_of(img, raw, prep, faces)
@@ -186,7 +213,13 @@ class InfantinO:
             regions.append(Region(to_model_array(crop, prep.input_size, prep.grayscale), buf.getvalue(), face))
         return regions
 
-    async def _embed(self, served: Served, arrays: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _input(snapshot: Snapshot) -> Preprocessing:
+        """The array every task's backbone can take its input from (see infantino.images.shared_input)."""
+        return shared_input([served.preprocessing for served in snapshot.values()])
+
+    async def _embed(self, snapshot: Snapshot, arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """Each task's embeddings of ``arrays``, made by the backbone its served head was trained on."""
         # Calls larger than the runner's max batch size would be refused by its dispatcher.
         step = self.settings.batch_max_size
 
@@ -201,29 +234,47 @@ class InfantinO:
         except (bentoml.exceptions.ServiceUnavailable, aiohttp.ClientConnectionError):
             raise ApiError(503, "overloaded", "the backbone runner is overloaded or restarting; retry shortly") from None
         out = np.concatenate([np.asarray(p) for p in parts])
-        made_by = {str(int(v)) for v in out[:, -1]}
-        if made_by != {served.head.backbone_version}:
-            raise ApiError(503, "model_swap", f"the backbone is switching versions ({sorted(made_by)} -> v{served.head.backbone_version}); retry")
-        return out[:, :-1]
+        width = EMBEDDING_DIM + 1  # per task, in settings order: the embedding, then the backbone version
+        embeddings = {}
+        for i, (task, served) in enumerate(snapshot.items()):
+            block = out[:, i * width : (i + 1) * width]
+            made_by = {str(int(v)) for v in block[:, -1]}
+            if made_by != {served.head.backbone_version}:
+                raise ApiError(503, "model_swap", f"the {task} backbone is switching versions "
+                                                  f"({sorted(made_by)} -> v{served.head.backbone_version}); retry")
+            embeddings[task] = block[:, :-1]
+        return embeddings
 
-    def _answers(self, served: Served, emb: np.ndarray, regions: list[Region]) -> list[dict]:
+    def _task_answers(self, task: str, served: Served, emb: np.ndarray, regions: list[Region], records: list[dict]) -> list[dict]:
+        """One task's answer per region; each is added to ``records`` so feedback can name it by prediction_id."""
         probs = served.head.model.predict_proba(emb)
         answers = []
         for e, p, region in zip(emb, probs, regions):
             best = int(p.argmax())
             label = served.classes[best]
             pid = uuid.uuid4().hex
-            self.queue.record_prediction(
-                prediction_id=pid, task=self.task, label=label, embedding=e, backbone_version=served.head.backbone_version,
+            records.append(dict(
+                prediction_id=pid, task=task, label=label, embedding=e, backbone_version=served.head.backbone_version,
                 head_version=served.head.version, image=region.image if self.settings.store_feedback_images else None,
-            )
-            metrics.PREDICTIONS.labels(label=label, task=self.task).inc()
-            metrics.CONFIDENCE.labels(task=self.task).observe(float(p[best]))
-            answer = {
+            ))
+            metrics.PREDICTIONS.labels(label=label, task=task).inc()
+            metrics.CONFIDENCE.labels(task=task).observe(float(p[best]))
+            answers.append({
                 "prediction_id": pid, "label": label, "confidence": float(p[best]),
                 "probabilities": {c: float(v) for c, v in zip(served.classes, p)},
-                "task": self.task, "backbone_version": served.head.backbone_version, "head_version": served.head.version,
-            }
+                "task": task, "backbone_version": served.head.backbone_version, "head_version": served.head.version,
+            })
+        return answers
+
+    def _answers(self, snapshot: Snapshot, embeddings: dict[str, np.ndarray], regions: list[Region]) -> list[dict]:
+        """Per region: the default task's answer at the top level, every task's under "tasks"."""
+        records: list[dict] = []
+        per_task = {task: self._task_answers(task, served, embeddings[task], regions, records) for task, served in snapshot.items()}
+        self.queue.record_predictions(records)  # one transaction per request
+        answers = []
+        for i, region in enumerate(regions):
+            by_task = {task: per_task[task][i] for task in snapshot}
+            answer = {**by_task[self.default_task], "tasks": by_task}
             if region.face is not None:
                 answer.update(box=list(region.face.box), detector_score=float(region.face.score))
             answers.append(answer)
@@ -236,17 +287,17 @@ class InfantinO:
 
     async def _predict(self, raws: list[bytes], faces: bool = False, whole_image_if_no_face: bool = True) -> list[dict]:
         """One answer per upload: a prediction, or (faces=True) every face found with its box."""
-        served = self._require_served()
-        per_image = await asyncio.gather(*(
-            asyncio.to_thread(self._regions, r, served.preprocessing, "all" if faces else "whole") for r in raws))
+        snapshot = self._snapshot()
+        prep = self._input(snapshot)
+        per_image = await asyncio.gather(*(asyncio.to_thread(self._regions, r, prep, "all" if faces else "whole") for r in raws))
         if faces and whole_image_if_no_face:
-            per_image = [regions or await asyncio.to_thread(self._regions, raw, served.preprocessing, "whole")
+            per_image = [regions or await asyncio.to_thread(self._regions, raw, prep, "whole")
                          for regions, raw in zip(per_image, raws)]
         flat = [region for regions in per_image for region in regions]
         answers = []
         if flat:
-            emb = await self._embed(served, np.stack([r.array for r in flat]))
-            answers = await asyncio.to_thread(self._answers, served, emb, flat)
+            embeddings = await self._embed(snapshot, np.stack([r.array for r in flat]))
+            answers = await asyncio.to_thread(self._answers, snapshot, embeddings, flat)
         if not faces:
             return answers
         out, i = [], 0
@@ -266,7 +317,7 @@ class InfantinO:
         self, ctx: bentoml.Context, image: list[Path] = [], image_base64: str | None = None,
         faces: bool = False, whole_image_if_no_face: bool = True,
     ) -> dict:
-        """Classify one image (multipart field `image`, or JSON `image_base64`).
+        """Classify one image (multipart field `image`, or JSON `image_base64`) for every served task.
 
         With `faces=true`, every face found is classified, each with its box; when none is
         found the answer says so (and classifies the whole image unless told not to).
@@ -308,7 +359,8 @@ class InfantinO:
         """
 
         async def work() -> dict:
-            served = self._require_served()
+            snapshot = self._snapshot()
+            prep = self._input(snapshot)
             if not 0 < ema_alpha <= 1:
                 raise ApiError(422, "invalid_ema_alpha", f"ema_alpha must be in (0, 1]; got {ema_alpha}")
             mode = "largest" if faces else "whole"
@@ -320,7 +372,7 @@ class InfantinO:
                 if given_frames > self.settings.max_sequence_frames:
                     raise ApiError(413, "too_many_frames", f"{given_frames} frames; the limit is {self.settings.max_sequence_frames}")
                 raws = [self._image_bytes(f, None, "frames") for f in frames] + [self._image_bytes(None, b, "frames") for b in frames_base64 or []]
-                regions = await asyncio.gather(*(asyncio.to_thread(self._regions, r, served.preprocessing, mode, "frames") for r in raws))
+                regions = await asyncio.gather(*(asyncio.to_thread(self._regions, r, prep, mode, "frames") for r in raws))
                 times = [float(i) for i in range(len(raws))]
             else:
                 data = self._image_bytes(video[0] if video else None, video_base64, "video")
@@ -329,15 +381,18 @@ class InfantinO:
                 except SequenceError as exc:
                     raise ApiError(413 if exc.code == "video_too_long" else 415 if exc.code == "not_a_video" else 400, exc.code, str(exc)) from None
                 times = [t for t, _ in decoded]
-                regions = await asyncio.gather(*(asyncio.to_thread(self._regions_of, img, None, served.preprocessing, mode) for _, img in decoded))
+                regions = await asyncio.gather(*(asyncio.to_thread(self._regions_of, img, None, prep, mode) for _, img in decoded))
             flat = [r[0] for r in regions]
-            emb = await self._embed(served, np.stack([r.array for r in flat]))
-            answers = await asyncio.to_thread(self._answers, served, emb, flat)
+            embeddings = await self._embed(snapshot, np.stack([r.array for r in flat]))
+            answers = await asyncio.to_thread(self._answers, snapshot, embeddings, flat)
             for answer, t in zip(answers, times):
                 answer["time_s" if given_video else "index"] = t if given_video else int(t)
-            probs = np.array([[a["probabilities"][c] for c in served.classes] for a in answers])
-            return {"frame_count": len(answers), "frames": answers, "aggregate": aggregate(probs, served.classes, ema_alpha),
-                    "task": self.task, "backbone_version": served.head.backbone_version, "head_version": served.head.version}
+            clips = {}
+            for task, served in snapshot.items():
+                probs = np.array([[a["tasks"][task]["probabilities"][c] for c in served.classes] for a in answers])
+                clips[task] = {"aggregate": aggregate(probs, served.classes, ema_alpha), "task": task,
+                               "backbone_version": served.head.backbone_version, "head_version": served.head.version}
+            return {"frame_count": len(answers), "frames": answers, **clips[self.default_task], "tasks": clips}
 
         return await self._answer(ctx, work())
 
@@ -345,47 +400,61 @@ class InfantinO:
     async def feedback(
         self, ctx: bentoml.Context, label: str, image: list[Path] = [], image_base64: str | None = None,
         prediction_id: str | None = None, idempotency_key: str | None = None, face_crop: bool = False,
+        task: str | None = None,
     ) -> dict:
         """Tell the model the true label of an image, or of an earlier prediction (prediction_id).
 
-        `face_crop=true` learns from the largest face in the image (the whole image if none).
+        `task` names whose label it is (default: the first served task; with a prediction_id,
+        that prediction's task). `face_crop=true` learns from the largest face in the image.
         """
 
         async def work() -> dict:
-            served = self._require_served()
-            if label not in served.classes:
-                raise ApiError(422, "unknown_label", f"label {label!r} is not one of this task's labels", accepted=served.classes)
+            snapshot = self._snapshot()
+            asked = self._task(task) if task is not None else None
             predicted = None
             if prediction_id is not None:
                 if image or image_base64 is not None:
                     raise ApiError(400, "ambiguous_feedback", "give either prediction_id or an image, not both")
                 pred = await asyncio.to_thread(self.queue.get_prediction, prediction_id)
-                if pred is None or pred["task"] != self.task:
-                    raise ApiError(404, "unknown_prediction_id", f"no recent prediction {prediction_id!r}; send the image instead")
+                if pred is None or pred["task"] not in snapshot or asked not in (None, pred["task"]):
+                    raise ApiError(404, "unknown_prediction_id", f"no recent prediction {prediction_id!r}"
+                                   + (f" of task {asked!r}" if asked else "") + "; send the image instead")
+                which = pred["task"]
+                self._check_label(snapshot[which], which, label)
                 embedding, backbone_version, raw, predicted = pred["embedding"], pred["backbone_version"], pred["image"], pred["label"]
             else:
+                which = asked or self.default_task
+                self._check_label(snapshot[which], which, label)
                 region = (await asyncio.to_thread(
-                    self._regions, self._one_image(image, image_base64), served.preprocessing, "largest" if face_crop else "whole"))[0]
+                    self._regions, self._one_image(image, image_base64), self._input(snapshot), "largest" if face_crop else "whole"))[0]
                 raw = region.image
-                embedding = (await self._embed(served, region.array[None]))[0]
-                backbone_version = served.head.backbone_version
+                embedding = (await self._embed(snapshot, region.array[None]))[which][0]
+                backbone_version = snapshot[which].head.backbone_version
             feedback_id, duplicate = await asyncio.to_thread(
-                self.queue.add, task=self.task, label=label, embedding=embedding, backbone_version=backbone_version,
+                self.queue.add, task=which, label=label, embedding=embedding, backbone_version=backbone_version,
                 image=raw if self.settings.store_feedback_images else None, prediction_id=prediction_id,
                 predicted_label=predicted, idempotency_key=idempotency_key,
             )
-            depth = await asyncio.to_thread(self.queue.depth, self.task)
+            depth = await asyncio.to_thread(self.queue.depth, which)
             if not duplicate:
-                metrics.FEEDBACK.labels(label=label, task=self.task).inc()
-            metrics.QUEUE_DEPTH.labels(task=self.task).set(depth)
-            self.updater.nudge(depth)
-            return {"feedback_id": feedback_id, "queue_depth": depth, "duplicate": duplicate, "label": label}
+                metrics.FEEDBACK.labels(label=label, task=which).inc()
+            metrics.QUEUE_DEPTH.labels(task=which).set(depth)
+            self.updaters[which].nudge(depth)
+            return {"feedback_id": feedback_id, "queue_depth": depth, "duplicate": duplicate, "label": label, "task": which}
 
         return await self._answer(ctx, work())
 
+    @staticmethod
+    def _check_label(served: Served, task: str, label: str) -> None:
+        if label not in served.classes:
+            raise ApiError(422, "unknown_label", f"label {label!r} is not one of the {task} task's labels", accepted=served.classes)
+
     @bentoml.api(route="/admin/update")
-    async def admin_update(self, ctx: bentoml.Context, force: bool = False) -> dict:
-        """Run an online update now (needs `Authorization: Bearer $INFANTINO_ADMIN_TOKEN`)."""
+    async def admin_update(self, ctx: bentoml.Context, force: bool = False, task: str | None = None) -> dict:
+        """Run an online update of `task` (default: the first served) now.
+
+        Needs `Authorization: Bearer $INFANTINO_ADMIN_TOKEN`.
+        """
 
         async def work() -> dict:
             token = self.settings.admin_token
@@ -393,9 +462,10 @@ class InfantinO:
                 raise ApiError(403, "admin_disabled", "admin endpoints are off; set INFANTINO_ADMIN_TOKEN to enable them")
             if ctx.request.headers.get("authorization", "") != f"Bearer {token}":
                 raise ApiError(401, "unauthorized", "missing or wrong bearer token")
-            report = await asyncio.to_thread(self.updater.run_once, True)
+            which = self._task(task)
+            report = await asyncio.to_thread(self.updaters[which].run_once, True)
             if report is None:
-                raise ApiError(409, "update_not_run", "no queued feedback, or another worker holds the update lease")
-            return report.to_dict()
+                raise ApiError(409, "update_not_run", f"no queued {which} feedback, or another worker holds the update lease")
+            return {**report.to_dict(), "task": which}
 
         return await self._answer(ctx, work())

@@ -121,3 +121,23 @@ class ChampionWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.check_now()
+
+
+class ChampionFollower:
+    """One task's models in one worker: loaded now if the registry has a champion, then kept
+    current by a :class:`ChampionWatcher`. Subclasses say what a switch loads."""
+
+    def __init__(self, settings: Settings, task: str):
+        self.task = task
+        self.source = ModelSource(settings, task)
+        try:
+            self.switch(self.source.champion_head_version())
+        except Exception:
+            log.exception("%s: no model loaded yet; not ready until the registry has a champion", task)
+        self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.model_poll_s).start()
+
+    def switch(self, head_version: str | None) -> None:
+        raise NotImplementedError
+
+    def current_head_version(self) -> str | None:
+        raise NotImplementedError

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from typing import Sequence
+
 from conftest import TINY_CLASSES, draw_face, make_image_folder
 from infantino.settings import Settings
 from registry.store import ModelRegistry
@@ -15,12 +17,14 @@ from training.pipeline import train_and_register
 from training.trainer import TrainConfig
 
 
-def train_tiny_registry(home: Path, per_class: int = 30, epochs: int = 15) -> ModelRegistry:
-    """Train test_efficientnet at 48 px on drawn faces (3 classes) and register it as champion."""
-    data = make_image_folder(home.parent / f"{home.name}-faces", per_class=per_class, seed=1)
-    registry = ModelRegistry(Settings(home=home))
-    cfg = TrainConfig(backbone="test_efficientnet", image_size=48, epochs=epochs, batch_size=16, lr=3e-3, threads=1,
-                      mixup_prob=0.0, occlusion_p=0.0, erasing_p=0.0, val_fraction=0.25)
+def train_tiny_registry(home: Path, per_class: int = 30, epochs: int = 15, task: str | None = None,
+                        classes: Sequence[str] = TINY_CLASSES, image_size: int = 48, grayscale: bool = True) -> ModelRegistry:
+    """Train test_efficientnet on drawn faces (class i gets mouth shape i) and register it as
+    ``task``'s champion (default: expression, 3 classes, 48 px grey)."""
+    data = make_image_folder(home.parent / f"{home.name}-{task or 'faces'}", classes=classes, per_class=per_class, seed=1)
+    registry = ModelRegistry(Settings(home=home), task=task)
+    cfg = TrainConfig(backbone="test_efficientnet", image_size=image_size, grayscale=grayscale, epochs=epochs, batch_size=16,
+                      lr=3e-3, threads=1, mixup_prob=0.0, occlusion_p=0.0, erasing_p=0.0, val_fraction=0.25)
     train_and_register(data, cfg, registry, classes=None)
     return registry
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import draw_face
-from infantino.images import ImageError, Preprocessing, normalise, open_image, to_model_array
+from infantino.images import ImageError, Preprocessing, fit_input, normalise, open_image, shared_input, to_model_array
 from infantino.settings import get_settings
 
 
@@ -304,3 +304,36 @@ def test_lying_png_header_is_refused_by_size_not_decoded():
     lying = good[:8] + _png_chunk(b"IHDR", ihdr) + good[body_start:]
     assert len(lying) < 100
     assert error_code(lying, max_pixels=10_000_000) == "image_too_large"
+
+
+def test_reduced_jpeg_decode_keeps_the_model_input():
+    """reduce_to decodes a big JPEG at a fraction of its size, never below the model size, with
+    (almost) the same model input as a full decode; other formats and small targets are untouched."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    jpeg = encode(photo, "JPEG", quality=90)
+    reduced = open_image(jpeg, reduce_to=64)
+    assert reduced.mode == "RGB" and min(reduced.size) >= 64 and reduced.size[0] <= 1600 // 8 * 2
+    full, small = (to_model_array(img, 64, True).astype(int) for img in (open_image(jpeg), reduced))
+    assert np.abs(full - small).mean() < 2.0
+    assert open_image(jpeg, reduce_to=2000).size == (1600, 1200)  # never below what was asked
+    assert open_image(encode(photo, "PNG"), reduce_to=64).size == (1600, 1200)  # only JPEG has a draft mode
+
+
+def test_shared_input_serves_tasks_with_different_preprocessing():
+    grey48, colour40 = Preprocessing(input_size=48, grayscale=True), Preprocessing(input_size=40, grayscale=False)
+    shared = shared_input([grey48, colour40])
+    assert (shared.input_size, shared.grayscale) == (48, False)
+    assert shared_input([grey48]) == Preprocessing(input_size=48, grayscale=True)
+    face = draw_face(1, 96, np.random.default_rng(0)).convert("RGB")
+    tinted = Image.merge("RGB", [c.point(lambda v, k=k: min(255, v + 30 * k)) for k, c in enumerate(face.split())])
+    batch = to_model_array(tinted, shared.input_size, shared.grayscale)[None]
+    # Each task takes its own input from the shared array, close to preparing it from the image directly.
+    for prep in (grey48, colour40):
+        own = fit_input(batch, prep)
+        assert own.shape == (1, prep.input_size, prep.input_size, 3)
+        direct = to_model_array(tinted, prep.input_size, prep.grayscale)[None]
+        assert np.abs(own.astype(int) - direct.astype(int)).mean() < 3.0
+    assert fit_input(batch, shared) is batch  # agreeing preprocessing: nothing copied
+    grey_batch = to_model_array(face, 48, True)[None]
+    assert fit_input(grey_batch, grey48) is grey_batch

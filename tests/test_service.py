@@ -1,4 +1,9 @@
-"""The serving bundle over HTTP: a real `bentoml serve` process with two API workers."""
+"""The serving bundle over HTTP: a real `bentoml serve` process with two API workers and two tasks.
+
+The default task, expression, reads three drawn expressions at 48 px grey; a second task,
+mouth, has its own labels (smile, frown), its own models at 40 px colour, its own queue,
+updates and promotions, and is answered in the same responses.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ from service.process import BentoServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
+MOUTH_CLASSES = ("smile", "frown")  # drawn as the happy and sad mouths
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("served") / "home"
     train_tiny_registry(home)
+    train_tiny_registry(home, task="mouth", classes=MOUTH_CLASSES, image_size=40, grayscale=False, epochs=20)
     env = {
-        "INFANTINO_HOME": str(home), "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
+        "INFANTINO_HOME": str(home), "INFANTINO_TASKS": "expression,mouth", "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
         "INFANTINO_MAX_IMAGE_BYTES": "300000", "INFANTINO_MAX_IMAGE_PIXELS": "4000000",
         "INFANTINO_ADMIN_TOKEN": TOKEN, "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
         "INFANTINO_BATCH_MAX_LATENCY_MS": "60000",  # a loaded 2-core CI machine must queue, not refuse
@@ -51,6 +58,11 @@ def check_prediction(p: dict, labels=("happy", "sad", "surprise")):
     assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
     assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
     assert p["head_version"] == "1" and p["backbone_version"] == "1"
+    assert p["task"] == "expression" and set(p["tasks"]) == {"expression", "mouth"}
+    assert p["tasks"]["expression"] == {k: p[k] for k in p["tasks"]["expression"]}  # the top level is the default task
+    mouth = p["tasks"]["mouth"]
+    assert sorted(mouth["probabilities"]) == sorted(MOUTH_CLASSES) and mouth["task"] == "mouth"
+    assert abs(sum(mouth["probabilities"].values()) - 1) < 1e-5 and mouth["prediction_id"] != p["prediction_id"]
 
 
 def test_predict_multipart_and_base64_agree(client, face_png):
@@ -159,6 +171,9 @@ def test_model_info_and_health(client):
     assert info["head"]["version"] == "1" and info["backbone"]["version"] == "1"
     assert "val_accuracy" in info["head"]["metrics"]
     assert info["preprocessing"]["input_size"] == 48
+    assert set(info["tasks"]) == {"expression", "mouth"}
+    assert info["tasks"]["mouth"]["labels"] == sorted(MOUTH_CLASSES) and info["tasks"]["mouth"]["preprocessing"]["input_size"] == 40
+    assert info["tasks"]["mouth"]["head"]["name"] == "infantino-mouth-head"
     assert client.get("/readyz").status_code == 200
     assert client.get("/livez").status_code == 200
     assert client.get("/no/such/route").status_code == 404
@@ -248,6 +263,7 @@ def test_sequence_of_frames_and_a_video(client, tmp_path):
     times = [f["time_s"] for f in out["frames"]]
     assert times == sorted(times) and times[-1] == pytest.approx(11 / 5)
     assert out["aggregate"]["mean_label"] in ("happy", "sad", "surprise")
+    assert out["tasks"]["mouth"]["aggregate"]["mean_label"] in MOUTH_CLASSES
 
     r = client.post("/predict_sequence", files={"video": ("x.avi", b"not a video at all", "video/x-msvideo")})
     assert r.status_code == 415 and r.json()["error"] == "not_a_video"
@@ -255,3 +271,49 @@ def test_sequence_of_frames_and_a_video(client, tmp_path):
     assert r.status_code == 413 and r.json()["error"] == "too_many_frames"
     r = client.post("/predict_sequence", json={})
     assert r.status_code == 400 and r.json()["error"] == "bad_sequence"
+
+
+def test_a_second_task_has_its_own_labels_feedback_and_updates(client, server):
+    """mouth is answered beside expression; its feedback, queue, update and promotion are its own."""
+    from infantino.settings import Settings
+    from registry.store import ModelRegistry
+
+    items = [(b, {"happy": "smile", "sad": "frown"}[label]) for b, label in faces(6, seed=31) if label != "surprise"]
+    r = client.post("/predict_batch", json={"images_base64": [base64.b64encode(b).decode() for b, _ in items]})
+    assert r.status_code == 200, r.text
+    mouth = [p["tasks"]["mouth"] for p in r.json()["predictions"]]
+    assert np.mean([m["label"] == label for m, (_, label) in zip(mouth, items)]) >= 2 / 3  # it learned its own task
+
+    # Feedback names its task; by prediction_id the task is the prediction's own.
+    b64 = base64.b64encode(items[0][0]).decode()
+    r = client.post("/feedback", json={"label": "smile", "image_base64": b64, "task": "mouth"})
+    assert r.status_code == 200 and r.json()["task"] == "mouth", r.text
+    depth = r.json()["queue_depth"]
+    r = client.post("/feedback", json={"label": "frown", "prediction_id": mouth[1]["prediction_id"]})
+    assert r.status_code == 200 and r.json()["task"] == "mouth" and r.json()["queue_depth"] == depth + 1, r.text
+    for m, (_, label) in zip(mouth[2:], items[2:]):
+        assert client.post("/feedback", json={"label": label, "prediction_id": m["prediction_id"], "task": "mouth"}).status_code == 200
+
+    # Errors name the accepted values of the task asked about.
+    r = client.post("/feedback", json={"label": "happy", "image_base64": b64, "task": "mouth"})
+    assert r.status_code == 422 and r.json()["error"] == "unknown_label" and r.json()["accepted"] == sorted(MOUTH_CLASSES)
+    r = client.post("/feedback", json={"label": "smile", "image_base64": b64, "task": "age"})
+    assert r.status_code == 422 and r.json()["error"] == "unknown_task" and r.json()["accepted"] == ["expression", "mouth"]
+    r = client.post("/feedback", json={"label": "happy", "prediction_id": mouth[0]["prediction_id"], "task": "expression"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_prediction_id"
+
+    # An update of mouth registers (and gates) a new mouth head; expression is untouched.
+    expression_queue = client.get("/model").json()["queue"]
+    r = client.post("/admin/update", json={"force": True, "task": "mouth"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["task"] == "mouth" and report["parent_version"] == "1" and report["head_version"] == "2"
+    assert report["new_items"] + report["held_out_items"] == len(items)
+    home = server.env["INFANTINO_HOME"]
+    mouth_reg, expression_reg = ModelRegistry(Settings(home=home), task="mouth"), ModelRegistry(Settings(home=home), task="expression")
+    assert sorted(v["version"] for v in mouth_reg.list_versions("head")) == ["1", "2"]
+    assert [v["version"] for v in expression_reg.list_versions("head")] == ["1"]
+    assert expression_reg.champion_version("head") == "1"
+    assert mouth_reg.champion_version("head", "champion" if report["promoted"] else "challenger") == "2"
+    info = client.get("/model").json()
+    assert info["queue"] == expression_queue and info["tasks"]["mouth"]["queue"]["queued"] == 0

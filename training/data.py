@@ -130,7 +130,7 @@ def _load_folder(root: Path, size: int, grey: bool, classes: Sequence[str] | Non
     images, labels, skipped = [], [], []
     for file, label in tqdm(files, desc=f"reading {root.name}", unit="img", leave=False):
         try:
-            img = open_image(file)
+            img = open_image(file, reduce_to=None if detector is not None else size)  # as the service decodes
             if detector is not None:
                 img, _ = crop_largest_face(img, detector)
             images.append(to_model_array(img, size, grey))

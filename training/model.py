@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-EMBEDDING_DIM = 64
+from infantino import EMBEDDING_DIM
 
 
 class BackboneError(RuntimeError):

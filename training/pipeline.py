@@ -19,7 +19,7 @@ import numpy as np
 
 from infantino import FER_CLASSES
 from registry.store import ModelRegistry
-from training.data import LabelledImages, load_dataset, stratified_split
+from training.data import DatasetError, LabelledImages, load_dataset, stratified_split
 from training.evaluate import classification_metrics, save_confusion_matrix
 from training.head import EmbeddingSet, fit_head
 from training.model import embed_images
@@ -48,6 +48,17 @@ def evaluate_pair(backbone, head, data: LabelledImages, prep, classes: list[str]
     return metrics, probs, emb
 
 
+def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig):
+    loaded = registry.load_backbone(version_or_alias)
+    if loaded.preprocessing != cfg.preprocessing or loaded.tags.get("backbone_name") not in (None, cfg.backbone):
+        raise DatasetError(
+            f"--init-from {version_or_alias}: that backbone is {loaded.tags.get('backbone_name')} with {loaded.preprocessing}; "
+            f"this run asks for {cfg.backbone} with {cfg.preprocessing}. Use the same --backbone, --image-size and colour mode."
+        )
+    print(f"starting from {registry.names['backbone']} v{loaded.version} ({version_or_alias})", flush=True)
+    return loaded.model.train()
+
+
 def train_and_register(
     data_path: str | Path,
     cfg: TrainConfig,
@@ -58,8 +69,12 @@ def train_and_register(
     resume: bool = False,
     promote: bool = True,
     crop_faces: str | None = None,
+    init_from: str | None = None,
 ) -> TrainResult:
+    """``init_from`` (a backbone version or alias, e.g. ``champion``) continues training a registered
+    backbone under a fresh schedule instead of starting from scratch or from timm's weights."""
     started = time.time()
+    initial = _initial_backbone(registry, init_from, cfg) if init_from else None
     data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed, crop_faces=crop_faces)
     print(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
           f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
@@ -72,7 +87,7 @@ def train_and_register(
                            "crop_faces": crop_faces or "none"})
         mlflow.log_metric("skipped_images", data.skipped)
         backbone = train_backbone(
-            cfg, train, val, out_dir, resume=resume,
+            cfg, train, val, out_dir, resume=resume, initial=initial,
             on_epoch=lambda epoch, m: mlflow.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch),
         )
         prep = cfg.preprocessing
