@@ -224,9 +224,10 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
     if torch_threads:
         torch.set_num_threads(torch_threads)
 
-    from infantino.images import normalise, open_image, to_model_array
+    from infantino.images import open_image, to_model_array
     from infantino.settings import Settings
     from registry.store import CHAMPION, ModelRegistry
+    from training.model import embed_images
 
     registry = ModelRegistry(Settings(home=home))
     head = registry.load_head(CHAMPION)
@@ -237,9 +238,7 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
         return to_model_array(open_image(raw, reduce_to=prep.input_size), prep.input_size, prep.grayscale)
 
     def infer(arrays: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            emb = model(torch.from_numpy(normalise(arrays, prep))).float().numpy()
-        return clf.predict_proba(emb)
+        return clf.predict_proba(embed_images(model, arrays, prep, batch_size=len(arrays)))  # as the backbone service does
 
     info = {
         "backbone_version": backbone.version, "head_version": head.version, "classes": head.classes,

@@ -221,7 +221,7 @@ def bootstrap(if_empty, task, tracking_uri):
         raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
     reg = _registry(task or json.loads((DEFAULT_DIR / "model.json").read_text())["task"], tracking_uri)
     if if_empty and reg.has_champion():
-        click.echo(f"registry at {reg.tracking_uri} already has a {reg.task} champion (head v{reg.champion_version('head')})")
+        click.echo(f"registry at {reg.tracking_uri} already has a champion (task {reg.task}, head v{reg.champion_version('head')})")
         return
     bv, hv = register_shipped(reg)
     click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.tracking_uri})")

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     batch_max_latency_ms: int = 10000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
     api_workers: int = 1
     torch_threads: int = 0  # 0 = let torch decide (all cores)
+    # torch | onnxruntime: the backbone's runtime in the backbone service (onnxruntime: pip install
+    # 'infantino[onnx]'; 3x the single-image speed of torch on this CPU, bench/results/cpu_runtime.json)
+    backbone_runtime: str = Field(default="torch", pattern="^(torch|onnxruntime)$")
     admin_token: str | None = None
 
     @field_validator("tasks", mode="before")

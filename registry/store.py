@@ -258,7 +258,9 @@ class ModelRegistry:
 
     def load_backbone(self, version_or_alias: str | int = CHAMPION) -> LoadedBackbone:
         mv = self.version_info("backbone", version_or_alias)
-        model = mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu").eval()
+        from training.model import for_inference
+
+        model = for_inference(mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu"))
         return LoadedBackbone(model, str(mv.version), preprocessing_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
 
     def load_embeddings(self, head: LoadedHead) -> tuple[EmbeddingSet, EmbeddingSet]:

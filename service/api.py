@@ -39,6 +39,7 @@ from service import metrics
 from service.backbone import BackboneService
 from service.errors import ApiError
 from service.models import ChampionFollower
+from service.recorder import PredictionRecorder
 from service.sequence import SequenceError, aggregate, decode_video
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class InfantinO:
         self.settings = SETTINGS
         self.default_task = SETTINGS.default_task
         self.queue = FeedbackQueue(SETTINGS.resolved_queue_url)
+        self.recorder = PredictionRecorder(self.queue)
         self.detector = create_detector(SETTINGS.face_detector, SETTINGS.face_model_path)
         self.tasks = {task: ServedHead(task) for task in SETTINGS.tasks}
         self.updaters = {
@@ -266,11 +268,16 @@ class InfantinO:
             })
         return answers
 
-    def _answers(self, snapshot: Snapshot, embeddings: dict[str, np.ndarray], regions: list[Region]) -> list[dict]:
-        """Per region: the default task's answer at the top level, every task's under "tasks"."""
+    async def _answers(self, snapshot: Snapshot, embeddings: dict[str, np.ndarray], regions: list[Region]) -> list[dict]:
+        """Per region: the default task's answer at the top level, every task's under "tasks";
+        returned once every prediction is committed (so /feedback can name it anywhere)."""
+        answers, records = await asyncio.to_thread(self._build_answers, snapshot, embeddings, regions)
+        await self.recorder.record(records)
+        return answers
+
+    def _build_answers(self, snapshot: Snapshot, embeddings: dict[str, np.ndarray], regions: list[Region]) -> tuple[list[dict], list[dict]]:
         records: list[dict] = []
         per_task = {task: self._task_answers(task, served, embeddings[task], regions, records) for task, served in snapshot.items()}
-        self.queue.record_predictions(records)  # one transaction per request
         answers = []
         for i, region in enumerate(regions):
             by_task = {task: per_task[task][i] for task in snapshot}
@@ -278,7 +285,7 @@ class InfantinO:
             if region.face is not None:
                 answer.update(box=list(region.face.box), detector_score=float(region.face.score))
             answers.append(answer)
-        return answers
+        return answers, records
 
     def _one_image(self, uploads: list[Path], b64: str | None) -> bytes:
         if len(uploads) > 1:
@@ -297,7 +304,7 @@ class InfantinO:
         answers = []
         if flat:
             embeddings = await self._embed(snapshot, np.stack([r.array for r in flat]))
-            answers = await asyncio.to_thread(self._answers, snapshot, embeddings, flat)
+            answers = await self._answers(snapshot, embeddings, flat)
         if not faces:
             return answers
         out, i = [], 0
@@ -384,7 +391,7 @@ class InfantinO:
                 regions = await asyncio.gather(*(asyncio.to_thread(self._regions_of, img, None, prep, mode) for _, img in decoded))
             flat = [r[0] for r in regions]
             embeddings = await self._embed(snapshot, np.stack([r.array for r in flat]))
-            answers = await asyncio.to_thread(self._answers, snapshot, embeddings, flat)
+            answers = await self._answers(snapshot, embeddings, flat)
             for answer, t in zip(answers, times):
                 answer["time_s" if given_video else "index"] = t if given_video else int(t)
             clips = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import bentoml
 import numpy as np
@@ -20,18 +21,20 @@ from infantino.images import fit_input, normalise
 from infantino.settings import get_settings
 from registry.store import LoadedBackbone
 from service.models import ChampionFollower
+from training.model import embed_images, pick_device
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 
 
 class ServedBackbone(ChampionFollower):
-    """The backbone one task's champion head was trained on (reloaded only when that changes)."""
+    """The backbone one task's champion head was trained on (reloaded only when that changes),
+    with the function that runs it: torch, or ONNX Runtime (INFANTINO_BACKBONE_RUNTIME)."""
 
     def __init__(self, task: str, device):
         self.device = device
         self._lock = threading.Lock()
-        self.backbone: LoadedBackbone | None = None
+        self.current: tuple[LoadedBackbone, Callable[[np.ndarray], np.ndarray]] | None = None
         self.head_version: str | None = None
         super().__init__(SETTINGS, task)
 
@@ -41,12 +44,42 @@ class ServedBackbone(ChampionFollower):
     def switch(self, head_version: str | None) -> None:
         wanted = self.source.head_backbone_version(head_version) if head_version else None
         with self._lock:
-            if self.backbone is None or wanted is None or wanted != self.backbone.version:
+            if self.current is None or wanted is None or wanted != self.current[0].version:
                 loaded = self.source.load_backbone(wanted)
                 loaded.model.to(self.device)
-                self.backbone = loaded  # one reference swap: in-flight batches keep the old model
-                log.info("%s: serving backbone v%s", self.task, loaded.version)
+                self.current = (loaded, runner(loaded, SETTINGS.backbone_runtime))  # one swap: in-flight batches keep the old
+                log.info("%s: serving backbone v%s on %s", self.task, loaded.version, SETTINGS.backbone_runtime)
             self.head_version = head_version
+
+
+def runner(loaded: LoadedBackbone, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (N, S, S, 3) model inputs -> float32 (N, 64) embeddings, on the chosen runtime."""
+    prep = loaded.preprocessing
+    if runtime == "torch":
+        return lambda images: embed_images(loaded.model, images, prep, batch_size=len(images))
+    session = onnx_session(loaded.model, prep.input_size)
+    return lambda images: session.run(None, {"x": normalise(images, prep)})[0]
+
+
+def onnx_session(model, input_size: int):
+    """Export the torch backbone to ONNX in memory and open an ONNX Runtime CPU session on it."""
+    import io
+
+    import torch
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError("INFANTINO_BACKBONE_RUNTIME=onnxruntime needs ONNX Runtime: pip install 'infantino[onnx]'") from None
+    buf = io.BytesIO()
+    example = torch.zeros(1, 3, input_size, input_size)
+    # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript and gains nothing here.
+    torch.onnx.export(model.cpu(), example, buf, input_names=["x"], output_names=["embedding"],
+                      dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    if SETTINGS.torch_threads:
+        options.intra_op_num_threads = SETTINGS.torch_threads
+    return onnxruntime.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 # runner_connection: BentoML's client to this service recycles its connection session every
@@ -62,23 +95,20 @@ class BackboneService:
 
         if SETTINGS.torch_threads:
             torch.set_num_threads(SETTINGS.torch_threads)
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device(None)  # a GPU when there is one
         self.tasks = {task: ServedBackbone(task, self.device) for task in SETTINGS.tasks}
 
     def __is_ready__(self) -> bool:
-        return all(t.backbone is not None for t in self.tasks.values())
+        return all(t.current is not None for t in self.tasks.values())
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.batch_max_size, max_latency_ms=SETTINGS.batch_max_latency_ms)
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, 65 per task): each task's 64-d embedding, then its backbone version."""
         blocks = []
         for task, served in self.tasks.items():
-            backbone = served.backbone
-            if backbone is None:
+            if served.current is None:
                 raise bentoml.exceptions.ServiceUnavailable(f"the {task} backbone is not loaded yet")
-            x = self.torch.from_numpy(normalise(fit_input(images, backbone.preprocessing), backbone.preprocessing)).to(self.device)
-            with self.torch.inference_mode():
-                emb = backbone.model(x).float().cpu().numpy()
+            backbone, run = served.current
+            emb = run(fit_input(images, backbone.preprocessing))
             blocks += [emb, np.full((len(emb), 1), float(backbone.version), dtype=np.float32)]
         return np.concatenate(blocks, axis=1)

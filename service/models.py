@@ -86,7 +86,9 @@ class ModelSource:
 
         bm = self._bundled("backbone")
         tags = dict(bm.info.metadata["tags"])
-        model = mlflow.pytorch.load_model(str(Path(bm.path) / "mlflow_model"), map_location="cpu").eval()
+        from training.model import for_inference
+
+        model = for_inference(mlflow.pytorch.load_model(str(Path(bm.path) / "mlflow_model"), map_location="cpu"))
         return LoadedBackbone(model, bm.info.metadata["version"], preprocessing_from_tags(tags), tags["label_set"].split(","), tags)
 
 

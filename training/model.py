@@ -83,6 +83,12 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def for_inference(model: EmbeddingNet) -> EmbeddingNet:
+    """Eval mode in channels_last memory format: 1.25x the CPU throughput of the default
+    format for resnet18 at 64 px, batch 32 (bench/results/cpu_runtime.json)."""
+    return model.eval().to(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def embed_images(
     model: EmbeddingNet, x_uint8, prep, batch_size: int = 256, occlude: bool = False, progress: str | None = None
@@ -102,6 +108,7 @@ def embed_images(
     out = []
     for start in tqdm(range(0, len(x_uint8), batch_size), desc=progress, unit="batch", leave=False, disable=progress is None):
         chunk = torch.from_numpy(normalise(x_uint8[start : start + batch_size], prep)).to(device)
+        chunk = chunk.contiguous(memory_format=torch.channels_last)  # see for_inference
         if occlude:
             chunk = occlude_lower_face(chunk)
         out.append(model(chunk).float().cpu().numpy())
