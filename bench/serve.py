@@ -227,7 +227,8 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
     from infantino.images import open_image, to_model_array
     from infantino.settings import Settings
     from registry.store import CHAMPION, ModelRegistry
-    from training.model import embed_images
+    from infantino.settings import get_settings
+    from service.backbone import runner
 
     registry = ModelRegistry(Settings(home=home))
     head = registry.load_head(CHAMPION)
@@ -237,8 +238,10 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
     def preprocess(raw: bytes) -> np.ndarray:
         return to_model_array(open_image(raw, reduce_to=prep.input_size), prep.input_size, prep.grayscale)
 
+    embed = runner(backbone, get_settings().backbone_runtime)  # the backbone service's own runtime choice
+
     def infer(arrays: np.ndarray) -> np.ndarray:
-        return clf.predict_proba(embed_images(model, arrays, prep, batch_size=len(arrays)))  # as the backbone service does
+        return clf.predict_proba(embed(arrays))
 
     info = {
         "backbone_version": backbone.version, "head_version": head.version, "classes": head.classes,

@@ -53,12 +53,22 @@ class ServedBackbone(ChampionFollower):
 
 
 def runner(loaded: LoadedBackbone, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 (N, S, S, 3) model inputs -> float32 (N, 64) embeddings, on the chosen runtime."""
+    """uint8 (N, S, S, 3) model inputs -> float32 (N, 64) embeddings, on the chosen runtime.
+
+    "auto" is ONNX Runtime for a model on the CPU (torch if the export or ONNX Runtime fails,
+    with a warning), torch for a model on a GPU.
+    """
     prep = loaded.preprocessing
-    if runtime == "torch":
-        return lambda images: embed_images(loaded.model, images, prep, batch_size=len(images))
-    session = onnx_session(loaded.model, prep.input_size)
-    return lambda images: session.run(None, {"x": normalise(images, prep)})[0]
+    on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+    if runtime == "onnxruntime" or (runtime == "auto" and on_cpu):
+        try:
+            session = onnx_session(loaded.model, prep.input_size)
+            return lambda images: session.run(None, {"x": normalise(images, prep)})[0]
+        except Exception:
+            if runtime == "onnxruntime":
+                raise
+            log.warning("ONNX Runtime unavailable for backbone v%s; running it with torch", loaded.version, exc_info=True)
+    return lambda images: embed_images(loaded.model, images, prep, batch_size=len(images))
 
 
 def onnx_session(model, input_size: int):
@@ -70,11 +80,11 @@ def onnx_session(model, input_size: int):
     try:
         import onnxruntime
     except ImportError:
-        raise RuntimeError("INFANTINO_BACKBONE_RUNTIME=onnxruntime needs ONNX Runtime: pip install 'infantino[onnx]'") from None
+        raise RuntimeError("INFANTINO_BACKBONE_RUNTIME=onnxruntime needs ONNX Runtime: pip install onnxruntime onnx") from None
     buf = io.BytesIO()
     example = torch.zeros(1, 3, input_size, input_size)
     # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript and gains nothing here.
-    torch.onnx.export(model.cpu(), example, buf, input_names=["x"], output_names=["embedding"],
+    torch.onnx.export(model, example, buf, input_names=["x"], output_names=["embedding"],
                       dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
     options = onnxruntime.SessionOptions()
     if SETTINGS.torch_threads:

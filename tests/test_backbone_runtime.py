@@ -29,6 +29,25 @@ def test_onnxruntime_matches_torch(size, grayscale):
     np.testing.assert_allclose(session.run(None, {"x": normalise(images, prep)})[0], by_torch, atol=1e-4, rtol=1e-3)
 
 
+def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):
+    import service.backbone as backbone_service
+
+    def broken(*_):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(backbone_service, "onnx_session", broken)
+    prep = Preprocessing(input_size=48)
+    model = for_inference(create_backbone("test_efficientnet", 3))
+    loaded = LoadedBackbone(model, "7", prep, ["a", "b", "c"], {})
+    images = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    from training.model import embed_images
+
+    np.testing.assert_array_equal(backbone_service.runner(loaded, "auto")(images), embed_images(model, images, prep))
+    assert "running it with torch" in caplog.text
+    with pytest.raises(RuntimeError, match="no exporter"):  # asked for explicitly: no silent fallback
+        backbone_service.runner(loaded, "onnxruntime")
+
+
 def test_unknown_runtime_is_refused(monkeypatch):
     from pydantic import ValidationError
 
