@@ -292,6 +292,23 @@ def test_cli_train_with_one_class_fails_clearly(one_class_folder):
     assert "have no readable images" in res.output and "angry" in res.output
 
 
+def test_init_from_continues_the_champion_backbone(tiny_folder):
+    reg = ModelRegistry()
+    train_and_register(tiny_folder, tiny_config(), reg, classes=None)
+    first = reg.load_backbone("champion").model.state_dict()
+    second = train_and_register(tiny_folder, tiny_config(epochs=1, lr=1e-6, seed=3), reg, classes=None, init_from="champion")
+    assert second.backbone_version == "2" and reg.champion_version("backbone") == "2"
+    assert reg.version_info("backbone", "2").tags["parent_version"] == "1"
+    # A tiny learning rate from the first weights stays next to them; a fresh start (seed 3) would not.
+    continued = reg.load_backbone("2").model.state_dict()
+    key = next(k for k in first if k.endswith("weight") and first[k].ndim == 4)
+    assert torch.allclose(first[key], continued[key], atol=1e-3)
+    res = CliRunner().invoke(main, ["train", "--data", str(tiny_folder), "--classes", "auto", "--backbone", "test_efficientnet",
+                                    "--image-size", "40", "--epochs", "1", "--init-from", "champion"])
+    assert res.exit_code == 1 and "--init-from champion" in res.output and "--image-size" in res.output
+    assert reg.champion_version("backbone") == "2"  # nothing registered by the refused run
+
+
 def test_cli_unknown_backbone_fails_clearly(tiny_folder):
     res = CliRunner().invoke(main, ["train", "--data", str(tiny_folder), "--backbone", "no_such_net", "--classes", "auto"])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)

@@ -19,10 +19,10 @@ import numpy as np
 
 from infantino import FER_CLASSES
 from registry.store import ModelRegistry
-from training.data import DatasetError, LabelledImages, load_dataset, stratified_split
+from training.data import LabelledImages, load_dataset, stratified_split
 from training.evaluate import classification_metrics, save_confusion_matrix
 from training.head import EmbeddingSet, fit_head
-from training.model import embed_images
+from training.model import BackboneError, embed_images
 from training.trainer import TrainConfig, train_backbone
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def evaluate_pair(backbone, head, data: LabelledImages, prep, classes: list[str]
 def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig):
     loaded = registry.load_backbone(version_or_alias)
     if loaded.preprocessing != cfg.preprocessing or loaded.tags.get("backbone_name") not in (None, cfg.backbone):
-        raise DatasetError(
+        raise BackboneError(
             f"--init-from {version_or_alias}: that backbone is {loaded.tags.get('backbone_name')} with {loaded.preprocessing}; "
             f"this run asks for {cfg.backbone} with {cfg.preprocessing}. Use the same --backbone, --image-size and colour mode."
         )
