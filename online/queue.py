@@ -391,10 +391,16 @@ class FeedbackQueue:
         t = self._predictions
         # Not durable=True: one fsync per request is too many, and losing the last few to a power cut is harmless.
         with self._tx(write=True, durable=False) as conn:
+            # One lookup and one multi-row insert for the usual case (fresh uuids); replace the rest.
+            ids = [row["prediction_id"] for row in rows]
+            existing = set(conn.execute(sa.select(t.c.prediction_id).where(t.c.prediction_id.in_(ids))).scalars())
+            fresh = {row["prediction_id"]: row for row in rows if row["prediction_id"] not in existing}  # last one wins
+            if fresh:
+                conn.execute(t.insert(), list(fresh.values()))
             for row in rows:
-                values = {k: v for k, v in row.items() if k != "prediction_id"}
-                if conn.execute(t.update().where(t.c.prediction_id == row["prediction_id"]).values(**values)).rowcount == 0:
-                    conn.execute(t.insert().values(**row))
+                if row["prediction_id"] in existing:
+                    values = {k: v for k, v in row.items() if k != "prediction_id"}
+                    conn.execute(t.update().where(t.c.prediction_id == row["prediction_id"]).values(**values))
 
     def get_prediction(self, prediction_id: str) -> dict | None:
         """``{'prediction_id','task','label','embedding','backbone_version','head_version','image','created'}`` or None."""
