@@ -1,9 +1,9 @@
-"""InfantinO: facial-expression recognition that keeps learning from its users.
+"""InfantinO's ground floor: what every other part shares, with no model framework in it.
 
-Layout: ``training/`` turns labelled images into a backbone + head, ``registry/`` keeps
-them in MLflow, ``service/`` serves them with BentoML and ``online/`` turns feedback
-into new head versions. This package holds what they all share: settings, labels,
-image decoding and the command-line tool.
+``settings`` (configuration by concern), ``images`` (one decoder and preprocessing for
+training and serving), ``faces`` (detectors and crops), ``regions`` (an upload -> the model
+inputs to classify: the whole image or its faces) and ``embeddings`` (labelled embedding
+sets). Nothing here imports torch, MLflow or BentoML; every other package builds on it.
 """
 
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")

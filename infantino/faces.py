@@ -1,24 +1,35 @@
 """Find faces in a picture and cut out the one the model should look at.
 
-Training and serving crop with the *same* functions (``crop_largest_face`` -> ``crop_face``),
-so the model sees faces framed identically in both places.
+Training and serving crop with the *same* function (``crop_face``, called by
+``infantino.regions.find_regions``), so the model sees faces framed identically in both places.
 
-Detectors are pluggable behind the small ``FaceDetector`` protocol:
+Detectors are pluggable behind the small ``FaceDetector`` protocol (``create_detector(name)``):
 
-* ``HaarDetector`` - OpenCV's frontal-face Haar cascade. The XML ships inside the
+* ``"haar+cnn"`` (the default) - ``FallbackDetector``: Haar first, dlib's CNN on the photos
+  where Haar finds nothing. On the 466 infant photos (bench/face_framing.py) Haar alone finds
+  a face in 82 %, dlib's CNN alone in 86 %, the two together in 96 %, and Haar's speed
+  stays where Haar finds a face.
+* ``HaarDetector`` (``"haar"``) - OpenCV's frontal-face Haar cascade. The XML ships inside the
   ``opencv-python-headless`` wheel (``cv2.data.haarcascades``), so it works offline with
   nothing to download. Fast and dependency-free, but it only finds roughly frontal,
   upright faces.
+* ``DlibCnnDetector`` (``"cnn"``) - dlib's MMOD CNN face detector; its weights come inside the
+  ``face-recognition-models`` wheel, dlib inside ``dlib-bin``: offline too. Finds tilted and
+  partly hidden faces Haar misses; ~0.3 s per photo on a CPU core.
+* ``DlibHogDetector`` (``"hog"``) - dlib's HOG + linear SVM frontal detector (built into dlib).
 * ``YuNetDetector`` - OpenCV's CNN detector ``cv2.FaceDetectorYN``. Much better on tilted,
   partial or small faces, but needs the ONNX weights, which are *not* shipped with OpenCV:
   download ``face_detection_yunet_2023mar.onnx`` from the OpenCV model zoo
   (https://github.com/opencv/opencv_zoo/tree/main/models/face_detection_yunet) and pass
   its path.
-* ``NoFaceDetector`` (``"none"``) - never finds a face, so ``crop_largest_face`` keeps the
-  whole image: the behaviour without face detection.
+* ``NoFaceDetector`` (``"none"``) - never finds a face, so the whole image is classified:
+  the behaviour without face detection.
 
 Boxes are always ``(x, y, w, h)`` in the pixels of the image given to ``detect``, whatever
-size the detector worked at internally. Faces come back largest first.
+size the detector worked at internally, in **one framing convention**: the Haar cascade's
+(brow to chin). dlib's boxes are tighter, so they are enlarged by ``DLIB_TO_HAAR_SCALE`` about
+their centre; a crop margin then means the same thing whichever detector found the face.
+Faces come back largest first.
 """
 
 from __future__ import annotations
@@ -34,15 +45,21 @@ from PIL import Image
 
 __all__ = [
     "DETECTORS",
+    "DlibCnnDetector",
+    "DlibHogDetector",
     "Face",
     "FaceDetector",
+    "FallbackDetector",
     "HaarDetector",
     "NoFaceDetector",
     "YuNetDetector",
     "create_detector",
     "crop_face",
-    "crop_largest_face",
 ]
+
+# Haar's box side over dlib's for the same face: the median over 324 infant photos where both
+# detectors found it (interquartile range 1.06-1.26; centres agree within 4 % of the side).
+DLIB_TO_HAAR_SCALE = 1.18
 
 YUNET_MODEL_URL = (
     "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
@@ -355,6 +372,126 @@ class YuNetDetector(_PerThreadState):
         return _largest_first(faces)
 
 
+class _DlibDetector(_PerThreadState):
+    """Shared by dlib's detectors: a shrunk RGB copy in, boxes enlarged to the Haar convention out."""
+
+    name = "dlib"
+
+    def __init__(self, max_side: int, upsample: int):
+        if max_side < 32:
+            raise ValueError(f"max_side must be >= 32 pixels (got {max_side})")
+        if upsample < 0:
+            raise ValueError(f"upsample must be >= 0 (got {upsample})")
+        self.max_side, self.upsample = int(max_side), int(upsample)
+        self._local = threading.local()
+        self._detector()  # fail now, not at the first request, if dlib or the weights are missing
+
+    def _detector(self):
+        det = getattr(self._local, "detector", None)
+        if det is None:
+            det = self._local.detector = self._load()
+        return det
+
+    def _load(self):
+        raise NotImplementedError
+
+    def _raw(self, det, rgb: np.ndarray) -> list[tuple[object, float]]:
+        """(dlib rectangle, score) pairs."""
+        raise NotImplementedError
+
+    def detect(self, img: Image.Image) -> list[Face]:
+        width, height = img.size
+        small, scale = _shrink(np.asarray(img.convert("RGB")), self.max_side)
+        faces = []
+        for rect, score in self._raw(self._detector(), small):
+            w, h = rect.right() - rect.left(), rect.bottom() - rect.top()
+            grow_w, grow_h = w * (DLIB_TO_HAAR_SCALE - 1) / 2, h * (DLIB_TO_HAAR_SCALE - 1) / 2
+            box = _to_original(rect.left() - grow_w, rect.top() - grow_h, w + 2 * grow_w, h + 2 * grow_h, scale, width, height)
+            if box is not None:
+                faces.append(Face(box=box, score=float(score)))
+        return _largest_first(faces)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_side={self.max_side}, upsample={self.upsample})"
+
+
+def _import_dlib():
+    try:
+        import dlib
+    except ImportError:
+        raise ImportError("the dlib face detectors need dlib: pip install dlib-bin") from None
+    return dlib
+
+
+def cnn_weights_path() -> Path:
+    """dlib's MMOD face detector weights, shipped in the face-recognition-models wheel.
+
+    Found without importing that package (its ``__init__`` needs setuptools' pkg_resources).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("face_recognition_models")
+    path = Path(spec.origin).parent / "models" / "mmod_human_face_detector.dat" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("dlib's CNN face detector weights are missing: pip install face-recognition-models")
+    return path
+
+
+class DlibHogDetector(_DlibDetector):
+    """dlib's frontal face detector (HOG features + a linear SVM), built into dlib itself."""
+
+    name = "hog"
+
+    def __init__(self, max_side: int = 640, upsample: int = 1):
+        super().__init__(max_side, upsample)
+
+    def _load(self):
+        return _import_dlib().get_frontal_face_detector()
+
+    def _raw(self, det, rgb):
+        rects, scores, _ = det.run(rgb, self.upsample)
+        return list(zip(rects, scores))
+
+
+class DlibCnnDetector(_DlibDetector):
+    """dlib's MMOD CNN face detector (weights from the face-recognition-models wheel).
+
+    Works on a copy whose long side is at most ``max_side`` (400 px: faces that fill at least
+    a fifth of a photo are found without upsampling; the cost grows with the area).
+    """
+
+    name = "cnn"
+
+    def __init__(self, max_side: int = 400, upsample: int = 0):
+        super().__init__(max_side, upsample)
+
+    def _load(self):
+        return _import_dlib().cnn_face_detection_model_v1(str(cnn_weights_path()))
+
+    def _raw(self, det, rgb):
+        return [(d.rect, d.confidence) for d in det(rgb, self.upsample)]
+
+
+class FallbackDetector:
+    """Several detectors in turn: the first one that finds a face answers."""
+
+    def __init__(self, detectors: list):
+        if not detectors:
+            raise ValueError("a fallback chain needs at least one detector")
+        self.detectors = list(detectors)
+        self.name = "+".join(d.name for d in self.detectors)
+
+    def detect(self, img: Image.Image) -> list[Face]:
+        for detector in self.detectors:
+            faces = detector.detect(img)
+            if faces:
+                return faces
+        return []
+
+    def __repr__(self) -> str:
+        return f"FallbackDetector({self.detectors!r})"
+
+
 class NoFaceDetector:
     """Face detection switched off: never finds a face, so crops keep the whole image."""
 
@@ -367,32 +504,44 @@ class NoFaceDetector:
         return "NoFaceDetector()"
 
 
-DETECTORS = ("haar", "yunet", "none")
+DETECTORS = ("haar+cnn", "haar", "cnn", "hog", "yunet", "none")
+DEFAULT_DETECTOR = "haar+cnn"  # chosen by bench/face_framing.py: found rate and infant accuracy
 
 
-def create_detector(name: str = "haar", model_path: str | Path | None = None, **options) -> FaceDetector:
-    """Build a detector by name: ``"haar"``, ``"yunet"`` (needs ``model_path``) or ``"none"``.
+def create_detector(name: str = DEFAULT_DETECTOR, model_path: str | Path | None = None, **options) -> FaceDetector:
+    """Build a detector by name: one of ``DETECTORS``; ``a+b`` chains detectors (the first that
+    finds a face answers). ``"yunet"`` needs ``model_path``.
 
     ``options`` go to the detector's constructor (e.g. ``min_neighbors=6`` for Haar,
-    ``score_threshold=0.8`` for YuNet). Unknown names raise ``ValueError``; YuNet without
-    a model path raises ``ValueError``, with a path that does not exist ``FileNotFoundError``.
+    ``score_threshold=0.8`` for YuNet; not for a chain). Unknown names raise ``ValueError``;
+    YuNet without a model path raises ``ValueError``, with a path that does not exist
+    ``FileNotFoundError``.
     """
     key = (name or "").strip().lower()
+    if "+" in key:
+        if options:
+            raise ValueError(f"a chain of detectors takes no options (got {sorted(options)})")
+        return FallbackDetector([create_detector(part, model_path) for part in key.split("+")])
     if key == "haar":
         return HaarDetector(**options)
+    if key == "cnn":
+        return DlibCnnDetector(**options)
+    if key == "hog":
+        return DlibHogDetector(**options)
     if key == "yunet":
         return YuNetDetector(model_path, **options)
     if key == "none":
         if options:
             raise ValueError(f"the 'none' face detector takes no options (got {sorted(options)})")
         return NoFaceDetector()
-    raise ValueError(f"unknown face detector {name!r}; choose one of: {', '.join(DETECTORS)}")
+    raise ValueError(f"unknown face detector {name!r}; choose one of: {', '.join(DETECTORS)}, or a+b to chain them")
 
 
 # ---- cropping -----------------------------------------------------------------------------------
 
-def crop_face(img: Image.Image, face: Face, margin: float = 0.25) -> Image.Image:
-    """A square crop centred on ``face``, each side extended by ``margin`` x the box's longer side.
+def crop_face(img: Image.Image, face: Face, margin: float = 0.0) -> Image.Image:
+    """A square crop centred on ``face``, each side extended by ``margin`` x the box's longer side
+    (a negative margin cuts into the box).
 
     The square's side is ``round(max(w, h) * (1 + 2 * margin))`` and its centre is the
     box's centre, so a face always lands at the same place and scale in the crop, wherever
@@ -404,8 +553,8 @@ def crop_face(img: Image.Image, face: Face, margin: float = 0.25) -> Image.Image
     is first clipped to the image. Returns a new image in the input's mode (RGB, L or RGBA;
     other modes are converted to RGB).
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0 (got {margin})")
+    if not -0.4 <= margin:
+        raise ValueError(f"margin must be >= -0.4 (got {margin})")
     if img.mode not in ("RGB", "L", "RGBA"):
         img = img.convert("RGB")
     width, height = img.size
@@ -427,16 +576,3 @@ def crop_face(img: Image.Image, face: Face, margin: float = 0.25) -> Image.Image
     if inner.ndim == 3:
         pads.append((0, 0))
     return Image.fromarray(np.pad(inner, pads, mode="edge"))  # mode follows the array: L, RGB or RGBA
-
-
-def crop_largest_face(
-    img: Image.Image, detector: FaceDetector | None, margin: float = 0.25
-) -> tuple[Image.Image, Face | None]:
-    """``(crop of the largest face, that face)``, or ``(img, None)`` when no face is found.
-
-    ``detector=None`` behaves like the ``"none"`` detector (whole image).
-    """
-    faces = detector.detect(img) if detector is not None else []
-    if not faces:
-        return img, None
-    return crop_face(img, faces[0], margin), faces[0]

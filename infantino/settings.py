@@ -1,72 +1,68 @@
-"""Every setting in one place, read from the environment (prefix ``INFANTINO_``).
+"""Every setting, grouped by concern, read from the environment (``INFANTINO_<NAME>``).
 
-Embedded defaults keep everything under ``INFANTINO_HOME`` (``./.infantino``): the MLflow
-registry as a SQLite file and its artifacts, and the feedback queue as a SQLite file.
-Point ``MLFLOW_TRACKING_URI`` / ``INFANTINO_QUEUE_URL`` at shared servers to scale out.
+Each group is its own small settings class, so code asks for the concern it needs
+(``settings.online.update_min_items``) and the README's configuration table is generated
+from the descriptions here (``infantino settings`` prints it; a test keeps the README equal
+to it). Env names stay flat: the group is for readers, not for typing.
+
+Embedded defaults keep state under ``INFANTINO_HOME`` (``./.infantino``): the MLflow registry
+as a SQLite file with its artifacts, and the feedback store as a SQLite file. Point
+``MLFLOW_TRACKING_URI`` and ``INFANTINO_QUEUE_URL`` at shared servers to scale out.
+Reading settings has no side effects: folders are created by whoever writes into them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+ENV_PREFIX = "INFANTINO_"
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFANTINO_", extra="ignore")
 
-    home: Path = Field(default=Path(".infantino"), description="Local data folder for the embedded defaults.")
-    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; MLFLOW_TRACKING_URI also works.")
-    model_prefix: str = Field(default="infantino", description="Registered models are <prefix>-<task>-backbone/-head.")
-    # The tasks one service answers, each with its own models and labels (INFANTINO_TASKS=
-    # expression,age_group). The first is the default: of the CLI, and of /feedback without `task`.
-    tasks: Annotated[list[str], NoDecode] = ["expression"]
+class _Group(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    # Feedback queue (online/queue.py): any SQLAlchemy URL; SQLite under home by default.
-    queue_url: str | None = None
-    store_feedback_images: bool = True
 
-    # Online updates (online/updater.py)
-    update_min_items: int = 32
-    update_interval_s: float = 60.0
-    update_replay_ratio: float = 4.0  # replayed items per new item (training embeddings and older feedback)
-    update_learning_rate: float = 3e-4  # chosen by bench/online_tuning.py
-    update_passes: int = 5
-    update_holdout_fraction: float = 0.2
-    gate_max_val_drop: float = 0.01
-    gate_heldout_z: float = 1.0
-    lease_ttl_s: float = 120.0
-    model_poll_s: float = 1.0
+class StorageSettings(_Group):
+    """Where state lives: the model registry and the feedback store."""
 
-    # Faces (infantino/faces.py): used by /predict?faces=true and /feedback?face_crop=true
-    face_detector: str = "haar"  # haar | yunet | none
-    face_model_path: str | None = None  # the YuNet ONNX file, for face_detector=yunet
-    face_margin: float = 0.25
-    max_faces: int = 10
+    home: Path = Field(Path(".infantino"), description="local folder of the embedded defaults (SQLite registry, artifacts, feedback store)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; `MLFLOW_TRACKING_URI` also works (default: SQLite under the home)")
+    queue_url: str | None = Field(None, description="feedback store: any SQLAlchemy URL, e.g. `postgresql://user@host/db` (default: SQLite under the home)")
+    model_prefix: str = Field("infantino", description="registered models are named `<prefix>-<task>-backbone` and `-head`")
 
-    # Serving limits (service/)
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_batch_images: int = 64
-    max_sequence_frames: int = 64
-    max_video_seconds: float = 30.0
-    batch_max_size: int = 32
-    batch_max_latency_ms: int = 10000  # a cap, not a wait: BentoML answers 503 to requests it cannot serve within it
-    api_workers: int = 1
-    torch_threads: int = 0  # 0 = let torch decide (all cores)
-    # The backbone service's runtime: auto (ONNX Runtime on CPU, torch on a GPU), torch or
-    # onnxruntime. On this CPU ONNX Runtime runs one image 3x faster than torch and a batch of 32
-    # 1.04x faster than torch channels_last (bench/results/cpu_runtime.json).
-    backbone_runtime: str = Field(default="auto", pattern="^(auto|torch|onnxruntime)$")
-    admin_token: str | None = None
+    @property
+    def registry_uri(self) -> str:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.home / "artifacts").resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.queue_url or f"sqlite:///{(self.home / 'feedback.db').resolve()}"
+
+
+class ModelSettings(_Group):
+    """What is served, and how each worker follows the registry."""
+
+    # NoDecode: a comma list in the environment, not JSON.
+    tasks: Annotated[list[str], NoDecode] = Field(["expression"], description="comma list of the tasks served, each with its own models and labels; the first is the default")
+    model_poll_s: float = Field(1.0, description="how often every worker checks the champion alias")
+    backbone_runtime: str = Field("auto", pattern="^(auto|torch|onnxruntime)$",
+                                  description="`auto` (ONNX Runtime on CPU, torch on a GPU), `torch` or `onnxruntime`")
 
     @field_validator("tasks", mode="before")
     @classmethod
-    def _comma_list(cls, value):
+    def _comma_list(cls, value: Any) -> list[str]:
         names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
         names = [t for t in names if t]
         if not names or len(set(names)) != len(names):
@@ -77,24 +73,117 @@ class Settings(BaseSettings):
     def default_task(self) -> str:
         return self.tasks[0]
 
-    @property
-    def resolved_tracking_uri(self) -> str:
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri:
-            return uri
-        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
 
-    @property
-    def artifact_root(self) -> Path:
-        return (self.home / "artifacts").resolve()
+class FaceSettings(_Group):
+    """Face detection and framing (faces=true, face_crop=true, train --crop-faces)."""
 
-    @property
-    def resolved_queue_url(self) -> str:
-        return self.queue_url or f"sqlite:///{(self.home / 'feedback.db').resolve()}"
+    face_detector: str = Field("haar+cnn", description="face detector: haar+cnn (Haar, then dlib's CNN where Haar finds nothing), haar, cnn, hog, yunet, none")
+    face_model_path: str | None = Field(None, description="the YuNet ONNX file, for face_detector=yunet")
+    face_margin: float | None = Field(None, ge=0, description="override of the crop margin; by default each model's own framing (stored with it) is used")
+    max_faces: int = Field(10, ge=1, description="faces classified per image at most")
+
+
+class LimitSettings(_Group):
+    """Input limits: anything larger is refused with a 413 naming the limit."""
+
+    max_image_bytes: int = Field(10 * 1024 * 1024, description="bytes per image")
+    max_image_pixels: int = Field(40_000_000, description="pixels per image (checked before decoding: decompression bombs)")
+    max_batch_images: int = Field(64, description="images per /predict_batch call")
+    max_sequence_frames: int = Field(64, description="frames per /predict_sequence call")
+    max_video_seconds: float = Field(30.0, description="length of a video sent to /predict_sequence")
+
+
+class ServingSettings(_Group):
+    """Processes, threads and adaptive batching."""
+
+    api_workers: int = Field(1, ge=1, description="API worker processes")
+    torch_threads: int = Field(0, ge=0, description="threads of the backbone runtime (0: the runtime's default, all cores)")
+    batch_max_size: int = Field(32, ge=1, description="adaptive batching: largest batch")
+    # A cap, not a wait: BentoML answers 503 to requests it cannot serve within it.
+    batch_max_latency_ms: int = Field(10000, ge=1, description="adaptive batching: the most a request may wait (BentoML refuses, 503, what it cannot serve within it)")
+
+
+class OnlineSettings(_Group):
+    """Online updates and the evaluation gate (online/)."""
+
+    update_min_items: int = Field(32, ge=1, description="queued feedback items that trigger an update")
+    update_interval_s: float = Field(60.0, gt=0, description="an update also runs when one item has waited this long")
+    update_replay_ratio: float = Field(4.0, ge=0, description="replayed items (training embeddings and older feedback) per new item")
+    update_learning_rate: float = Field(3e-4, gt=0, description="step size of the online partial_fit (chosen by bench/online_tuning.py)")
+    update_passes: int = Field(5, ge=1, description="passes over the mixed batch per update")
+    update_holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of feedback held out as the gate's evidence")
+    gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")
+    gate_heldout_z: float = Field(1.0, ge=0, description="held-out rule: reject when net items lost exceed z standard errors (0: any net loss)")
+    lease_ttl_s: float = Field(120.0, gt=0, description="how long an update lease lasts without renewal")
+
+
+class PrivacySettings(_Group):
+    """What is kept, and for how long."""
+
+    store_feedback_images: bool = Field(True, description="keep image bytes with feedback and predictions (off: embeddings only; no re-embedding after a backbone change)")
+    prediction_retention_s: float = Field(86400.0, gt=0, description="predictions (and their images) are deleted this long after they were made; feedback on older ones must send the image")
+
+
+class SecuritySettings(_Group):
+    """Who may change the model."""
+
+    admin_token: str | None = Field(None, description="bearer token for the admin endpoints (unset: they are off)")
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "storage": StorageSettings, "models": ModelSettings, "faces": FaceSettings, "limits": LimitSettings,
+    "serving": ServingSettings, "online": OnlineSettings, "privacy": PrivacySettings, "security": SecuritySettings,
+}
+
+
+class Settings(BaseModel):
+    """All groups. ``Settings(home=..., update_min_items=3)`` routes flat names to their group."""
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    faces: FaceSettings = Field(default_factory=FaceSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    online: OnlineSettings = Field(default_factory=OnlineSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_names(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        grouped: dict[str, Any] = {k: v for k, v in values.items() if k in GROUPS}
+        flat = {k: v for k, v in values.items() if k not in GROUPS}
+        for name, value in flat.items():
+            group = next((g for g, model in GROUPS.items() if name in model.model_fields), None)
+            if group is None:
+                raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(all_names()))}")
+            grouped.setdefault(group, {})[name] = value
+        return {g: (GROUPS[g](**v) if isinstance(v, dict) else v) for g, v in grouped.items()}
+
+
+def all_names() -> list[str]:
+    return [name for model in GROUPS.values() for name in model.model_fields]
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per setting, grouped by concern."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for model in GROUPS.values():
+        rows.append(f"| **{(model.__doc__ or '').strip()}** | | |")
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = ",".join(default) if isinstance(default, list) else ("unset" if default is None else default)
+            rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)
+
+
+def redact(url: object) -> str:
+    """A URL fit for logs, errors and answers: any user:password@ part replaced by ***@."""
+    return re.sub(r"//[^/@\s]*@", "//***@", str(url))
 
 
 @lru_cache
 def get_settings() -> Settings:
-    settings = Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    return settings
+    return Settings()

@@ -32,7 +32,7 @@ def bundle_champions(registry: ModelRegistry) -> list[str]:
             pass
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
-            metadata = {"version": str(mv.version), "tags": dict(mv.tags), "tracking_uri": registry.tracking_uri}
+            metadata = {"version": str(mv.version), "tags": dict(mv.tags), "tracking_uri": registry.display_uri}
             with bentoml.models.create(tag, labels={"kind": kind, "task": registry.task}, metadata=metadata) as bm:
                 shutil.copytree(local, Path(bm.path) / "mlflow_model")
         tags.append(tag)

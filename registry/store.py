@@ -3,7 +3,7 @@
 Each task (``expression`` by default) has two registered models:
 
 - ``<prefix>-<task>-backbone``: the timm EmbeddingNet (pytorch flavour), images -> 64-d;
-- ``<prefix>-<task>-head``: the MLPClassifier (sklearn flavour, skops format), 64-d -> classes.
+- ``<prefix>-<task>-head``: a head (heads/; sklearn flavour, skops format), 64-d -> classes.
 
 A head version names the backbone version whose embeddings it reads (tag ``backbone_version``),
 so whoever loads the champion head loads the matching backbone. The alias ``champion`` marks
@@ -26,9 +26,10 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from heads import trusted_types
+from infantino.embeddings import EmbeddingSet
 from infantino.images import Preprocessing
-from infantino.settings import Settings, get_settings
-from training.head import TRUSTED_TYPES, EmbeddingSet
+from infantino.settings import Settings, get_settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RegistryError(RuntimeError):
 
 @dataclass
 class LoadedBackbone:
-    model: Any  # training.model.EmbeddingNet, eval mode
+    model: Any  # backbones.model.EmbeddingNet, in eval mode on the CPU
     version: str
     preprocessing: Preprocessing
     classes: list[str]
@@ -51,7 +52,7 @@ class LoadedBackbone:
 
 @dataclass
 class LoadedHead:
-    model: Any  # sklearn MLPClassifier
+    model: Any  # a heads.Head
     version: str
     backbone_version: str
     classes: list[str]
@@ -74,8 +75,11 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings | None = None, task: str | None = None, tracking_uri: str | None = None):
         self.settings = settings or get_settings()
-        self.task = task or self.settings.default_task
-        self.tracking_uri = tracking_uri or self.settings.resolved_tracking_uri
+        self.task = task or self.settings.models.default_task
+        self.tracking_uri = tracking_uri or self.settings.storage.registry_uri
+        self.display_uri = redact(self.tracking_uri)  # for logs, errors and answers: never a password
+        if self.tracking_uri.startswith("sqlite:///"):  # the embedded default: its folder is ours to create
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow also exports the URI to the environment, where child processes (a `bentoml
@@ -86,7 +90,7 @@ class ModelRegistry:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_uri
         self.client = MlflowClient(self.tracking_uri)
-        prefix = self.settings.model_prefix
+        prefix = self.settings.storage.model_prefix
         self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}
         self.experiment_name = f"{prefix}-{self.task}"
 
@@ -97,8 +101,8 @@ class ModelRegistry:
             return exp.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:") or self.tracking_uri.startswith("file:"):
-            self.settings.artifact_root.mkdir(parents=True, exist_ok=True)
-            location = self.settings.artifact_root.as_uri()
+            self.settings.storage.artifact_root.mkdir(parents=True, exist_ok=True)
+            location = self.settings.storage.artifact_root.as_uri()
         try:
             return self.client.create_experiment(self.experiment_name, artifact_location=location)
         except MlflowException:  # another process created it first
@@ -123,7 +127,8 @@ class ModelRegistry:
             pip_requirements=_pip("torch", "timm", "numpy"),
             # pickle, not MLflow 3's default torch.export: export fixes the batch size to the example's.
             serialization_format="pickle",
-            code_paths=[str(Path(__file__).resolve().parents[1] / "training")],
+            # The pickled module's class lives in backbones/: ship that code with the model.
+            code_paths=[str(Path(__file__).resolve().parents[1] / "backbones")],
         )
         version = str(info.registered_model_version)
         for k, v in version_tags.items():
@@ -147,10 +152,10 @@ class ModelRegistry:
                 mlflow.log_artifact(str(replay.save(Path(tmp) / REPLAY_FILE)), EMBEDDINGS_DIR)
                 mlflow.log_artifact(str(validation.save(Path(tmp) / VALIDATION_FILE)), EMBEDDINGS_DIR)
             tags = {**tags, "embeddings_run_id": run_id}
-        example = np.zeros((1, head.coefs_[0].shape[0]), np.float32)
+        example = np.zeros((1, head.n_features_in_), np.float32)
         info = mlflow.sklearn.log_model(
             head, name="head", registered_model_name=self.names["head"],
-            serialization_format="skops", skops_trusted_types=TRUSTED_TYPES,
+            serialization_format="skops", skops_trusted_types=trusted_types(),
             signature=infer_signature(example, head.predict_proba(example)), input_example=example,
             pip_requirements=_pip("scikit-learn", "skops", "numpy"), pyfunc_predict_fn="predict_proba",
         )
@@ -170,7 +175,7 @@ class ModelRegistry:
         try:
             return json.loads(self.client.get_registered_model(name).tags.get("champion_history", "[]"))
         except MlflowException as exc:
-            raise RegistryError(f"no registered model {name!r} at {self.tracking_uri}") from exc
+            raise RegistryError(f"no registered model {name!r} at {self.display_uri}") from exc
 
     def promote(self, kind: str, version: str | int, alias: str = CHAMPION) -> None:
         """Point ``alias`` at ``version``; for champion, also record it for rollback."""
@@ -258,9 +263,7 @@ class ModelRegistry:
 
     def load_backbone(self, version_or_alias: str | int = CHAMPION) -> LoadedBackbone:
         mv = self.version_info("backbone", version_or_alias)
-        from training.model import for_inference
-
-        model = for_inference(mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu"))
+        model = mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu").eval()
         return LoadedBackbone(model, str(mv.version), preprocessing_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
 
     def load_embeddings(self, head: LoadedHead) -> tuple[EmbeddingSet, EmbeddingSet]:

@@ -3,38 +3,58 @@
 Requests from all API workers meet here and are merged by BentoML's adaptive batching
 (max batch size and latency from settings), so the CNN runs on full batches under load.
 Inputs are uint8 images already resized by the API (4x smaller to ship than floats). Every
-enabled task's backbone embeds each batch; the output holds, per task in settings order, its
-64-d embedding and one column with the backbone version that made it, so the API can refuse
-to mix a head with embeddings from a backbone it was not trained on.
+enabled task's backbone embeds each batch; ``pack_embeddings`` and ``unpack_embeddings`` are
+the one definition of the answer's layout, which carries, per task, the backbone version that
+made each embedding, so the API can refuse to mix a head with embeddings from a backbone it
+was not trained on.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
 
 import bentoml
 import numpy as np
 
-from infantino.images import fit_input, normalise
+from backbones.runtime import Runner, create_runner
+from infantino import EMBEDDING_DIM
+from infantino.images import fit_input
 from infantino.settings import get_settings
 from registry.store import LoadedBackbone
 from service.models import ChampionFollower
-from training.model import embed_images, pick_device
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 
 
+# ---- the wire format: per task, in settings order, 64 embedding columns then the backbone version ----
+def pack_embeddings(blocks: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    """[(float32 (N, 64), backbone version), one per task] -> float32 (N, 65 per task)."""
+    columns = []
+    for emb, version in blocks:
+        columns += [emb.astype(np.float32, copy=False), np.full((len(emb), 1), float(version), dtype=np.float32)]
+    return np.concatenate(columns, axis=1)
+
+
+def unpack_embeddings(packed: np.ndarray, tasks: list[str]) -> dict[str, tuple[np.ndarray, set[str]]]:
+    """The inverse: per task, its (N, 64) embeddings and the backbone version(s) that made them."""
+    width = EMBEDDING_DIM + 1
+    out = {}
+    for i, task in enumerate(tasks):
+        block = packed[:, i * width : (i + 1) * width]
+        out[task] = (block[:, :-1], {str(int(v)) for v in block[:, -1]})
+    return out
+
+
 class ServedBackbone(ChampionFollower):
     """The backbone one task's champion head was trained on (reloaded only when that changes),
-    with the function that runs it: torch, or ONNX Runtime (INFANTINO_BACKBONE_RUNTIME)."""
+    with the runner that executes it (INFANTINO_BACKBONE_RUNTIME)."""
 
     def __init__(self, task: str, device):
         self.device = device
         self._lock = threading.Lock()
-        self.current: tuple[LoadedBackbone, Callable[[np.ndarray], np.ndarray]] | None = None
+        self.current: tuple[LoadedBackbone, Runner] | None = None
         self.head_version: str | None = None
         super().__init__(SETTINGS, task)
 
@@ -45,56 +65,20 @@ class ServedBackbone(ChampionFollower):
         wanted = self.source.head_backbone_version(head_version) if head_version else None
         with self._lock:
             if self.current is None or wanted is None or wanted != self.current[0].version:
+                from backbones.inference import for_inference
+
                 loaded = self.source.load_backbone(wanted)
-                loaded.model.to(self.device)
-                self.current = (loaded, runner(loaded, SETTINGS.backbone_runtime))  # one swap: in-flight batches keep the old
-                log.info("%s: serving backbone v%s on %s", self.task, loaded.version, SETTINGS.backbone_runtime)
+                loaded.model = for_inference(loaded.model.to(self.device))
+                run = create_runner(loaded.preprocessing, SETTINGS.models.backbone_runtime, model=loaded.model,
+                                    threads=SETTINGS.serving.torch_threads)
+                self.current = (loaded, run)  # one swap: in-flight batches keep the old
+                log.info("%s: serving backbone v%s on %s", self.task, loaded.version, SETTINGS.models.backbone_runtime)
             self.head_version = head_version
-
-
-def runner(loaded: LoadedBackbone, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 (N, S, S, 3) model inputs -> float32 (N, 64) embeddings, on the chosen runtime.
-
-    "auto" is ONNX Runtime for a model on the CPU (torch if the export or ONNX Runtime fails,
-    with a warning), torch for a model on a GPU.
-    """
-    prep = loaded.preprocessing
-    on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-    if runtime == "onnxruntime" or (runtime == "auto" and on_cpu):
-        try:
-            session = onnx_session(loaded.model, prep.input_size)
-            return lambda images: session.run(None, {"x": normalise(images, prep)})[0]
-        except Exception:
-            if runtime == "onnxruntime":
-                raise
-            log.warning("ONNX Runtime unavailable for backbone v%s; running it with torch", loaded.version, exc_info=True)
-    return lambda images: embed_images(loaded.model, images, prep, batch_size=len(images))
-
-
-def onnx_session(model, input_size: int):
-    """Export the torch backbone to ONNX in memory and open an ONNX Runtime CPU session on it."""
-    import io
-
-    import torch
-
-    try:
-        import onnxruntime
-    except ImportError:
-        raise RuntimeError("INFANTINO_BACKBONE_RUNTIME=onnxruntime needs ONNX Runtime: pip install onnxruntime onnx") from None
-    buf = io.BytesIO()
-    example = torch.zeros(1, 3, input_size, input_size)
-    # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript and gains nothing here.
-    torch.onnx.export(model, example, buf, input_names=["x"], output_names=["embedding"],
-                      dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
-    options = onnxruntime.SessionOptions()
-    if SETTINGS.torch_threads:
-        options.intra_op_num_threads = SETTINGS.torch_threads
-    return onnxruntime.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 # runner_connection: BentoML's client to this service recycles its connection session every
 # 100 requests by default and fails the requests still in flight on it (seen at 16 concurrent
-# clients); recycle rarely, and the API retries the rest (service/api.py, _embed).
+# clients); recycle rarely, and the API retries the rest (service/api.py, embed).
 @bentoml.service(
     name="infantino-backbone", workers=1, threads=1, traffic={"timeout": 60},
     runner_connection={"max_requests": 1_000_000, "max_age": 86_400.0},
@@ -103,22 +87,29 @@ class BackboneService:
     def __init__(self) -> None:
         import torch
 
-        if SETTINGS.torch_threads:
-            torch.set_num_threads(SETTINGS.torch_threads)
+        from backbones.inference import pick_device
+
+        if SETTINGS.serving.torch_threads:
+            torch.set_num_threads(SETTINGS.serving.torch_threads)
         self.device = pick_device(None)  # a GPU when there is one
-        self.tasks = {task: ServedBackbone(task, self.device) for task in SETTINGS.tasks}
+        self.tasks = {task: ServedBackbone(task, self.device).start() for task in SETTINGS.models.tasks}
 
     def __is_ready__(self) -> bool:
         return all(t.current is not None for t in self.tasks.values())
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.batch_max_size, max_latency_ms=SETTINGS.batch_max_latency_ms)
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        for served in self.tasks.values():
+            served.stop()
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.serving.batch_max_size,
+                 max_latency_ms=SETTINGS.serving.batch_max_latency_ms)
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N, 65 per task): each task's 64-d embedding, then its backbone version."""
+        """uint8 (N, S, S, 3) -> the packed embeddings of every task (see pack_embeddings)."""
         blocks = []
         for task, served in self.tasks.items():
             if served.current is None:
                 raise bentoml.exceptions.ServiceUnavailable(f"the {task} backbone is not loaded yet")
             backbone, run = served.current
-            emb = run(fit_input(images, backbone.preprocessing))
-            blocks += [emb, np.full((len(emb), 1), float(backbone.version), dtype=np.float32)]
-        return np.concatenate(blocks, axis=1)
+            blocks.append((run(fit_input(images, backbone.preprocessing)), backbone.version))
+        return pack_embeddings(blocks)

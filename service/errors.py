@@ -1,20 +1,62 @@
-"""Client errors as JSON: every 4xx names the problem (a stable ``error`` code and a message)
-and, where a value was out of range, the accepted values."""
+"""Client errors as JSON, and the one decorator that turns any failure into an answer.
+
+Every 4xx names the problem (a stable ``error`` code and a short message) and, where a value
+was out of range, the accepted values. Messages never echo large input back.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import bentoml
+from starlette.responses import JSONResponse
+
 from infantino.images import ImageError
+from service.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # How each image problem maps to HTTP.
 IMAGE_STATUS = {"empty_image": 400, "corrupt_image": 400, "not_an_image": 415, "image_too_large": 413}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra):
+    def __init__(self, status: int, code: str, message: str, accepted: list[str] | None = None):
         super().__init__(message)
         self.status = status
-        self.body = {"error": code, "message": message, **extra}
+        self.body = ErrorBody(error=code, message=message, accepted=accepted)
 
     @classmethod
     def from_image_error(cls, exc: ImageError, field: str = "image") -> "ApiError":
         return cls(IMAGE_STATUS.get(exc.code, 400), exc.code, f"{field}: {exc}")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body.model_dump(exclude_none=True), status_code=self.status)
+
+
+def answers_errors(endpoint: F) -> F:
+    """An endpoint's ApiError becomes its JSON answer; anything else a logged 500 that says only that.
+
+    BentoML sends a returned Response as it is, bypassing the endpoint's declared output model,
+    which therefore describes the successful answer alone; for an endpoint that takes the
+    request context, BentoML then applies the context's status code, so it is set there too.
+    """
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await endpoint(*args, **kwargs)
+        except ApiError as exc:
+            error = exc
+        except Exception:
+            log.exception("unexpected error in %s", endpoint.__name__)
+            error = ApiError(500, "internal_error", "unexpected server error; see the server log")
+        for value in kwargs.values():
+            if isinstance(value, bentoml.Context):
+                value.response.status_code = error.status
+        return error.response()
+
+    return wrapper  # type: ignore[return-value]

@@ -11,11 +11,10 @@ a restart, and nothing in one process decides what the others serve.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
+from infantino.periodic import Periodic
 from infantino.settings import Settings
 from registry.store import CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags
 
@@ -69,7 +68,7 @@ class ModelSource:
             return bentoml.models.get(f"{self.registry.names[kind]}:latest")
         except Exception as exc:
             raise RegistryError(
-                f"no champion in the registry at {self.registry.tracking_uri} and no bundled {self.registry.names[kind]} "
+                f"no champion in the registry at {self.registry.display_uri} and no bundled {self.registry.names[kind]} "
                 "model: run `infantino bootstrap` (registers the shipped model) or train one"
             ) from exc
 
@@ -86,9 +85,7 @@ class ModelSource:
 
         bm = self._bundled("backbone")
         tags = dict(bm.info.metadata["tags"])
-        from training.model import for_inference
-
-        model = for_inference(mlflow.pytorch.load_model(str(Path(bm.path) / "mlflow_model"), map_location="cpu"))
+        model = mlflow.pytorch.load_model(str(Path(bm.path) / "mlflow_model"), map_location="cpu").eval()
         return LoadedBackbone(model, bm.info.metadata["version"], preprocessing_from_tags(tags), tags["label_set"].split(","), tags)
 
 
@@ -99,16 +96,8 @@ class ChampionWatcher:
     """
 
     def __init__(self, source: ModelSource, current: Callable[[], str | None], on_change: Callable[[str], None], interval_s: float):
-        self.source, self.current, self.on_change, self.interval_s = source, current, on_change, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
-
-    def start(self) -> "ChampionWatcher":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
+        self.source, self.current, self.on_change = source, current, on_change
+        self.loop = Periodic(self.check_now, interval_s, f"champion-watcher-{source.registry.task}")
 
     def check_now(self) -> bool:
         wanted = self.source.champion_head_version()
@@ -120,14 +109,10 @@ class ChampionWatcher:
                 log.exception("could not switch to head v%s; still serving v%s", wanted, self.current())
         return False
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.check_now()
-
 
 class ChampionFollower:
-    """One task's models in one worker: loaded now if the registry has a champion, then kept
-    current by a :class:`ChampionWatcher`. Subclasses say what a switch loads."""
+    """One task's models in one worker: loaded now if the registry has a champion, then, once
+    started, kept current by a :class:`ChampionWatcher`. Subclasses say what a switch loads."""
 
     def __init__(self, settings: Settings, task: str):
         self.task = task
@@ -136,7 +121,14 @@ class ChampionFollower:
             self.switch(self.source.champion_head_version())
         except Exception:
             log.exception("%s: no model loaded yet; not ready until the registry has a champion", task)
-        self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.model_poll_s).start()
+        self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.models.model_poll_s)
+
+    def start(self) -> "ChampionFollower":
+        self.watcher.loop.start()
+        return self
+
+    def stop(self) -> None:
+        self.watcher.loop.stop()
 
     def switch(self, head_version: str | None) -> None:
         raise NotImplementedError

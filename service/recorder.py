@@ -15,21 +15,34 @@ import concurrent.futures
 import logging
 import threading
 
-from online.queue import FeedbackQueue
+from store import PredictionLog
 
 log = logging.getLogger(__name__)
 
 
 class PredictionRecorder:
-    def __init__(self, queue: FeedbackQueue):
-        self.queue = queue
+    def __init__(self, log_: PredictionLog):
+        self.log = log_
         self._pending: list[tuple[list[dict], concurrent.futures.Future]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        threading.Thread(target=self._run, name="prediction-recorder", daemon=True).start()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "PredictionRecorder":
+        self._thread = threading.Thread(target=self._run, name="prediction-recorder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Commit what is pending, then stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     async def record(self, rows: list[dict]) -> None:
-        """Return once ``rows`` (keyword dicts of FeedbackQueue.record_prediction) are committed."""
+        """Return once ``rows`` (see PredictionLog.record) are committed."""
         if not rows:
             return
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -44,13 +57,14 @@ class PredictionRecorder:
             self._wake.clear()
             with self._lock:
                 batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            try:
-                self.queue.record_predictions([row for rows, _ in batch for row in rows])
-            except Exception as exc:  # each waiting request answers with the error
-                for _, done in batch:
-                    done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    done.set_result(None)
+            if batch:
+                try:
+                    self.log.record([row for rows, _ in batch for row in rows])
+                except Exception as exc:  # each waiting request answers with the error
+                    for _, done in batch:
+                        done.set_exception(exc)
+                else:
+                    for _, done in batch:
+                        done.set_result(None)
+            if self._stopping:
+                return

@@ -1,51 +1,47 @@
-"""The backbone service's runtimes: ONNX Runtime must give the embeddings torch gives."""
+"""The backbone runtimes: ONNX Runtime must give the embeddings torch gives."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from infantino.images import Preprocessing
-from registry.store import LoadedBackbone
-from training.model import create_backbone, for_inference
+from backbones import runtime
+from backbones.inference import embed_images, for_inference
+from backbones.model import create_backbone
+from infantino.images import Preprocessing, normalise
 
 
 @pytest.mark.parametrize("size, grayscale", [(48, True), (40, False)])
 def test_onnxruntime_matches_torch(size, grayscale):
     pytest.importorskip("onnxruntime")
-    from infantino.images import normalise
-    from service.backbone import onnx_session, runner
+    import onnxruntime
 
     prep = Preprocessing(input_size=size, grayscale=grayscale)
     model = for_inference(create_backbone("test_efficientnet", 3))
-    loaded = LoadedBackbone(model, "1", prep, ["a", "b", "c"], {})
     images = np.random.default_rng(0).integers(0, 255, (5, size, size, 3), dtype=np.uint8)
-    by_torch, by_onnx = runner(loaded, "torch")(images), runner(loaded, "onnxruntime")(images)
+    by_torch = runtime.create_runner(prep, "torch", model=model)(images)
+    by_onnx = runtime.create_runner(prep, "onnxruntime", model=model)(images)
     assert by_onnx.shape == by_torch.shape == (5, 64)
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4, rtol=1e-3)
-    assert runner(loaded, "onnxruntime")(images[:1]).shape == (1, 64)  # any batch size
-    session = onnx_session(model, size)  # what the onnxruntime runner runs: a real ONNX Runtime session
-    assert [i.name for i in session.get_inputs()] == ["x"] and session.get_providers() == ["CPUExecutionProvider"]
+    onnx = runtime.export_onnx(model, size)
+    assert runtime.create_runner(prep, "onnxruntime", onnx=onnx)(images[:1]).shape == (1, 64)  # any batch size, no torch model
+    session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])  # what the runner runs
+    assert [i.name for i in session.get_inputs()] == ["x"]
     np.testing.assert_allclose(session.run(None, {"x": normalise(images, prep)})[0], by_torch, atol=1e-4, rtol=1e-3)
 
 
 def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):
-    import service.backbone as backbone_service
-
     def broken(*_):
         raise RuntimeError("no exporter here")
 
-    monkeypatch.setattr(backbone_service, "onnx_session", broken)
+    monkeypatch.setattr(runtime, "export_onnx", broken)
     prep = Preprocessing(input_size=48)
     model = for_inference(create_backbone("test_efficientnet", 3))
-    loaded = LoadedBackbone(model, "7", prep, ["a", "b", "c"], {})
     images = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
-    from training.model import embed_images
-
-    np.testing.assert_array_equal(backbone_service.runner(loaded, "auto")(images), embed_images(model, images, prep))
+    np.testing.assert_array_equal(runtime.create_runner(prep, "auto", model=model)(images), embed_images(model, images, prep))
     assert "running it with torch" in caplog.text
     with pytest.raises(RuntimeError, match="no exporter"):  # asked for explicitly: no silent fallback
-        backbone_service.runner(loaded, "onnxruntime")
+        runtime.create_runner(prep, "onnxruntime", model=model)
 
 
 def test_unknown_runtime_is_refused(monkeypatch):
@@ -56,3 +52,5 @@ def test_unknown_runtime_is_refused(monkeypatch):
     monkeypatch.setenv("INFANTINO_BACKBONE_RUNTIME", "tensorrt")
     with pytest.raises(ValidationError, match="backbone_runtime"):
         Settings()
+    with pytest.raises(ValueError, match="runtime"):
+        runtime.create_runner(Preprocessing(), "tensorrt", model=create_backbone("test_efficientnet", 3))

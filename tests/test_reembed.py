@@ -7,10 +7,12 @@ import pytest
 
 from infantino.images import open_image, to_model_array
 from infantino.settings import Settings
-from online.queue import FeedbackQueue
 from online.updater import Updater
-from serving import faces, train_tiny_registry
-from training.model import embed_images
+from registry.embedder import torch_embedder
+from store import Stores
+from testkit.faces import faces
+from testkit.registry import train_tiny_registry
+from backbones.inference import embed_images
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,8 @@ def test_feedback_is_reembedded_when_the_backbone_changes(tmp_path):
     home = tmp_path / "home"
     registry = train_tiny_registry(home, epochs=3)
     settings = Settings(home=home, gate_max_val_drop=1.0)
-    queue = FeedbackQueue(settings.resolved_queue_url)
+    stores = Stores.open(settings.storage.database_url)
+    queue = stores.feedback
     old = registry.load_backbone("1")
     items = faces(2, seed=9)
     for img, label in items:
@@ -30,7 +33,7 @@ def test_feedback_is_reembedded_when_the_backbone_changes(tmp_path):
 
     train_tiny_registry(home, epochs=3)  # a new backbone (v2) and head become champion
     assert registry.champion_version("backbone") == "2"
-    report = Updater(settings, registry, queue).run_once(force=True)
+    report = Updater(settings.online, registry, queue, stores.lease, embed=torch_embedder(registry)).run_once(force=True)
 
     new = registry.load_backbone("2")
     stored = {i.id: i for i in queue.items("expression")}

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import faces, png_bytes, train_tiny_registry
-from service.process import BentoServer
+from testkit.faces import faces, png_bytes
+from testkit.registry import train_tiny_registry
+from testkit.server import BentoServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
@@ -209,7 +210,7 @@ def test_metrics_and_server_still_healthy(client):
 
 def test_faces_in_a_scene(client):
     """Two faces pasted into a scene: both found with their boxes; an empty scene says so."""
-    from conftest import draw_face
+    from testkit.faces import draw_face
 
     rng = np.random.default_rng(0)
     scene = Image.new("RGB", (640, 360), (30, 30, 30))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from infantino.settings import Settings
-from infantino.shipped import DEFAULT_DIR, export_champion, register_shipped
+from registry.shipped import DEFAULT_DIR, export_champion, register_shipped
 from registry.store import ModelRegistry
-from serving import faces, train_tiny_registry
-from training.model import embed_images
+from testkit.faces import faces
+from testkit.registry import train_tiny_registry
+from backbones.inference import embed_images
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_export_then_register_gives_the_same_model(tmp_path):
 @pytest.mark.skipif(not (DEFAULT_DIR / "model.json").exists(), reason="no shipped model in this checkout")
 def test_bootstrap_registers_the_shipped_fer_model_once(tmp_path):
     env = {"INFANTINO_HOME": str(tmp_path / "home"), "PATH": ""}
-    cmd = [sys.executable, "-m", "infantino.cli", "bootstrap"]
+    cmd = [sys.executable, "-m", "cli.main", "bootstrap"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "registered the shipped model" in first.stdout

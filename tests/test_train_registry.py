@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TINY_CLASSES, make_image_folder
-from infantino.cli import main
+from testkit.faces import TINY_CLASSES, make_image_folder
+from cli.main import main
 from registry.store import ModelRegistry, RegistryError
 from training.data import load_dataset, stratified_split
-from training.model import embed_images
+from backbones.inference import embed_images
 from training.pipeline import train_and_register
 from training.trainer import TrainConfig, train_backbone
 
@@ -59,7 +59,7 @@ def aliases(reg: ModelRegistry, kind: str) -> dict[str, list[str]]:
 
 def test_empty_registry_in_the_per_test_home(infantino_home):
     reg = ModelRegistry()
-    assert reg.settings.home == infantino_home
+    assert reg.settings.storage.home == infantino_home
     assert reg.tracking_uri == f"sqlite:///{(infantino_home / 'mlflow.db').resolve()}"
     assert reg.names == {"backbone": "infantino-expression-backbone", "head": "infantino-expression-head"}
     assert champions(reg) == (None, None)
@@ -330,7 +330,7 @@ def test_a_registry_does_not_leak_its_uri_to_child_processes(tmp_path, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ModelRegistry(Settings(home=tmp_path / "a"))
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert Settings(home=tmp_path / "b").resolved_tracking_uri.endswith(str(tmp_path / "b" / "mlflow.db"))
+    assert Settings(home=tmp_path / "b").storage.registry_uri.endswith(str(tmp_path / "b" / "mlflow.db"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///chosen-by-the-user.db")
     ModelRegistry(Settings(home=tmp_path / "c"), tracking_uri=f"sqlite:///{tmp_path / 'c.db'}")
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///chosen-by-the-user.db"

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from infantino import FER_CLASSES
-from infantino.images import ImageError, open_image, to_model_array
+from infantino.images import PRECROPPED_FACE_MARGIN, ImageError, Preprocessing, open_image, to_model_array
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
@@ -72,18 +72,20 @@ def load_dataset(
     seed: int = 0,
     usage: str | None = None,
     crop_faces: str | None = None,
+    face_margin: float = PRECROPPED_FACE_MARGIN,
 ) -> LabelledImages:
     """Load any supported layout. ``classes=None`` takes the label set from the data itself.
 
     ``limit`` keeps a stratified random subset of that many items (quick experiments).
     ``crop_faces`` names a face detector (infantino.faces): image folders are then read from
-    their largest face, as the service does with face_crop (whole scenes -> face crops).
+    their largest face framed at ``face_margin``, as the service does with face_crop (whole
+    scenes -> face crops); the model records that framing and is served crops framed alike.
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path} does not exist")
     if path.is_dir():
-        data = _load_folder(path, image_size, grayscale, classes, crop_faces)
+        data = _load_folder(path, Preprocessing(image_size, grayscale, face_margin=face_margin), classes, crop_faces)
     elif path.suffix.lower() == ".csv":
         data = _load_csv(path, image_size, grayscale, classes, usage)
     elif path.suffix.lower() == ".npz":
@@ -116,28 +118,26 @@ def _check_labels(found: Sequence[str], classes: Sequence[str] | None, where: st
     return list(classes)
 
 
-def _load_folder(root: Path, size: int, grey: bool, classes: Sequence[str] | None, crop_faces: str | None = None) -> LabelledImages:
+def _load_folder(root: Path, prep: Preprocessing, classes: Sequence[str] | None, crop_faces: str | None = None) -> LabelledImages:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetError(f"{root}: no class sub-folders found (expected {root}/<class>/<image files>)")
     label_set = _check_labels([p.name for p in folders], classes, str(root))
     files = [(f, label_set.index(p.name)) for p in folders for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-    detector = None
-    if crop_faces and crop_faces != "none":
-        from infantino.faces import create_detector, crop_largest_face
+    from infantino.faces import create_detector
+    from infantino.regions import find_regions
 
-        detector = create_detector(crop_faces)
+    detector = create_detector(crop_faces) if crop_faces and crop_faces != "none" else None
+    mode = "largest" if detector is not None else "whole"
     images, labels, skipped = [], [], []
     for file, label in tqdm(files, desc=f"reading {root.name}", unit="img", leave=False):
         try:
-            img = open_image(file, reduce_to=None if detector is not None else size)  # as the service decodes
-            if detector is not None:
-                img, _ = crop_largest_face(img, detector)
-            images.append(to_model_array(img, size, grey))
+            img = open_image(file, reduce_to=None if detector is not None else prep.input_size)  # as the service decodes
+            images.append(find_regions(img, prep, mode, detector, keep_images=False)[0].array)
             labels.append(label)
         except (ImageError, OSError) as exc:
             skipped.append(f"{file.relative_to(root)}: {exc}")
-    return _pack(images, labels, label_set, skipped, size)
+    return _pack(images, labels, label_set, skipped, prep.input_size)
 
 
 def _load_csv(path: Path, size: int, grey: bool, classes: Sequence[str] | None, usage: str | None) -> LabelledImages:

@@ -19,10 +19,13 @@ import numpy as np
 
 from infantino import FER_CLASSES
 from registry.store import ModelRegistry
+from backbones.inference import embed_images
+from backbones.model import BackboneError
+from heads import create_head
+from infantino.embeddings import EmbeddingSet
+from training.augment import occlude_lower_face
 from training.data import LabelledImages, load_dataset, stratified_split
 from training.evaluate import classification_metrics, save_confusion_matrix
-from training.head import EmbeddingSet, fit_head
-from training.model import BackboneError, embed_images
 from training.trainer import TrainConfig, train_backbone
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def evaluate_pair(backbone, head, data: LabelledImages, prep, classes: list[str]
     emb = embed_images(backbone, data.x, prep, progress="embedding (evaluation)")
     probs = head.predict_proba(emb)
     metrics = classification_metrics(probs, data.y, classes, prefix)
-    occluded = head.predict_proba(embed_images(backbone, data.x, prep, occlude=True))
+    occluded = head.predict_proba(embed_images(backbone, data.x, prep, transform=occlude_lower_face))
     metrics[f"{prefix}occluded_accuracy"] = float(np.mean(occluded.argmax(1) == data.y))
     return metrics, probs, emb
 
@@ -75,11 +78,12 @@ def train_and_register(
     backbone under a fresh schedule instead of starting from scratch or from timm's weights."""
     started = time.time()
     initial = _initial_backbone(registry, init_from, cfg) if init_from else None
-    data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed, crop_faces=crop_faces)
+    data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed, crop_faces=crop_faces,
+                        face_margin=cfg.face_margin)
     print(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
           f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
     train, val = stratified_split(data, cfg.val_fraction, cfg.seed)
-    out_dir = Path(out_dir or registry.settings.home / "runs" / f"{registry.task}-{cfg.backbone}")
+    out_dir = Path(out_dir or registry.settings.storage.home / "runs" / f"{registry.task}-{cfg.backbone}")
     parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
 
     with registry.start_run(f"train-{cfg.backbone}", tags={"kind": "train"}) as run:
@@ -92,7 +96,7 @@ def train_and_register(
         )
         prep = cfg.preprocessing
         train_emb = embed_images(backbone, train.x, prep, progress="embedding (train)")
-        head = fit_head(train_emb, train.y, len(data.classes), seed=cfg.seed)
+        head = create_head("mlp", random_state=cfg.seed).fit(train_emb, train.y, classes=np.arange(len(data.classes)))
         metrics, probs, val_emb = evaluate_pair(backbone, head, val, prep, data.classes)
         metrics["train_seconds"] = time.time() - started
         mlflow.log_metrics(metrics)

@@ -1,9 +1,11 @@
 """Supervised training of the backbone: the recipe, the loop, checkpoints and resume.
 
-Recipe: AdamW with warm-up then cosine decay, label smoothing, class-balanced sampling (or
-loss weights) for the long tail, flip/rotation/colour/erasing/lower-face-occlusion
+Recipe: AdamW (or SGD with Nesterov momentum) with warm-up then cosine decay (or a cut of
+the rate whenever validation accuracy stops improving), label smoothing, class-balanced
+sampling (or loss weights) for the long tail, flip/rotation/colour/erasing/lower-face-occlusion
 augmentation, mixup and cutmix, and an optional two-stage schedule (frozen backbone first,
-then unfrozen at a lower rate). Seeds are fixed; a checkpoint is written every epoch.
+then unfrozen at a lower rate). Seeds are fixed; a checkpoint is written every epoch, so an
+interrupted run continues with ``resume``. bench/recipes.py compares recipes by measurement.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from infantino.images import Preprocessing, normalise
+from backbones.inference import pick_device
+from backbones.model import EmbeddingNet, create_backbone
+from infantino.images import PRECROPPED_FACE_MARGIN, Preprocessing, normalise
 from training.augment import train_transform
 from training.data import LabelledImages
-from training.model import EmbeddingNet, create_backbone, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     backbone: str = "efficientnet_b0"
+    backbone_args: dict | None = None  # extra timm.create_model arguments, e.g. {"mlp_ratio": 0.125} for VGG
     pretrained: bool = False
     checkpoint: str | None = None
     image_size: int = 64
     grayscale: bool = True
+    face_margin: float = PRECROPPED_FACE_MARGIN  # the framing of the training faces (see infantino.images)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "cosine"  # cosine (over `epochs`) | plateau (cut by plateau_factor after plateau_patience flat epochs)
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -60,7 +69,7 @@ class TrainConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(input_size=self.image_size, grayscale=self.grayscale)
+        return Preprocessing(input_size=self.image_size, grayscale=self.grayscale, face_margin=self.face_margin)
 
     def to_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -109,6 +118,27 @@ def accuracy(model: EmbeddingNet, data: LabelledImages, prep: Preprocessing, dev
     return float(correct) / max(len(data), 1)
 
 
+class _Plateau:
+    """The plateau schedule's state: a rate factor cut by ``cut`` after ``patience`` epochs without a
+    new best validation accuracy; finished once a cut would take it below ``floor``."""
+
+    def __init__(self, cut: float, patience: int, floor: float):
+        self.cut, self.patience, self.floor = cut, patience, floor
+        self.factor, self.best, self.flat, self.finished = 1.0, -1.0, 0, False
+
+    def step(self, score: float) -> None:
+        if score > self.best + 1e-4:
+            self.best, self.flat = score, 0
+            return
+        self.flat += 1
+        if self.flat > self.patience:
+            self.flat = 0
+            if self.factor * self.cut < self.floor:
+                self.finished = True
+            else:
+                self.factor *= self.cut
+
+
 def train_backbone(
     cfg: TrainConfig,
     train: LabelledImages,
@@ -131,7 +161,7 @@ def train_backbone(
     prep = cfg.preprocessing
     model = initial if initial is not None else create_backbone(
         cfg.backbone, n_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
-        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **(cfg.backbone_args or {}),
     )
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -158,15 +188,22 @@ def train_backbone(
     feature_params = list(model.features.parameters())
     head_params = list(model.embed.parameters()) + list(model.classifier.parameters())
     feature_lr = cfg.lr * (cfg.unfreeze_lr_scale if cfg.freeze_epochs else 1.0)
-    optimizer = torch.optim.AdamW(
-        [{"params": feature_params, "lr": feature_lr}, {"params": head_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay
-    )
+    groups = [{"params": feature_params, "lr": feature_lr}, {"params": head_params, "lr": cfg.lr}]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     steps_per_epoch = max(len(loader), 1)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    plateau = _Plateau(cfg.plateau_factor, cfg.plateau_patience, cfg.min_lr_ratio) if cfg.schedule == "plateau" else None
 
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if plateau is not None:
+            return plateau.factor
         progress = (step - warmup) / max(total - warmup, 1)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -182,10 +219,15 @@ def train_backbone(
         np.random.set_state(state["numpy_rng"])
         if "order_rng" in state:
             order_rng.set_state(state["order_rng"])
+        if plateau is not None and "plateau" in state:
+            plateau.__dict__.update(state["plateau"])
         start_epoch = state["epoch"] + 1
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 
     for epoch in range(start_epoch, cfg.epochs):
+        if plateau is not None and plateau.finished:
+            print(f"stopping after epoch {epoch}: the learning rate reached its floor and accuracy stopped rising", flush=True)
+            break
         frozen = epoch < cfg.freeze_epochs
         for p in feature_params:
             p.requires_grad_(not frozen)
@@ -210,13 +252,17 @@ def train_backbone(
             running += loss.item() * len(yb)
             seen += len(yb)
             bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-        metrics = {"train_loss": running / max(seen, 1), "val_accuracy": accuracy(model, val, prep, device)}
+        metrics = {"train_loss": running / max(seen, 1), "val_accuracy": accuracy(model, val, prep, device),
+                   "lr": scheduler.get_last_lr()[-1]}
+        if plateau is not None:
+            plateau.step(metrics["val_accuracy"])
         log.info("epoch %d: %s", epoch + 1, metrics)
         print(f"epoch {epoch + 1}/{cfg.epochs}: train_loss={metrics['train_loss']:.4f} val_accuracy={metrics['val_accuracy']:.4f}", flush=True)
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "epoch": epoch, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-             "order_rng": order_rng.get_state(), "config": cfg.to_params()},
+             "order_rng": order_rng.get_state(), "config": cfg.to_params(),
+             "plateau": plateau.__dict__ if plateau is not None else None},
             ckpt_path,
         )
         if on_epoch:

@@ -8,6 +8,9 @@
     infantino update                       run an online update from queued feedback now
     infantino bootstrap                    register the shipped model if the registry has no champion
     infantino bundle                       copy the champions into BentoML's store (before `bentoml build`)
+    infantino settings                     every setting: its environment variable, default and meaning
+
+The top floor: it composes the others (training, registry, online, store) for people.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import click
 
 from infantino import FER_CLASSES
+from infantino.faces import DETECTORS
+from infantino.images import PRECROPPED_FACE_MARGIN
 
 
 def _classes(value: str | None):
@@ -77,22 +82,25 @@ def main(verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out-dir.")
 @click.option("--init-from", default=None, help="Start from this registered backbone version or alias (e.g. champion) under a fresh schedule.")
 @click.option("--no-promote", is_flag=True, help="Register without making the new versions champion.")
-@click.option("--crop-faces", type=click.Choice(["none", "haar", "yunet"]), default="none",
+@click.option("--crop-faces", type=click.Choice(DETECTORS), default="none",
               help="Read image folders from their largest face (whole scenes -> face crops), as the service's face_crop does.")
+@click.option("--face-margin", type=float, default=PRECROPPED_FACE_MARGIN,
+              help="The framing of the training faces: with --crop-faces, the margin of the crops; without, how the "
+                   "(already cropped) faces are framed. Recorded with the model; the service crops faces alike.")
 @task_option
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, weight_decay,
           label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
-          seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, task, tracking_uri):
+          seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow."""
     from registry.store import RegistryError
     from training.data import DatasetError
-    from training.model import BackboneError
+    from backbones.model import BackboneError
     from training.pipeline import train_and_register
     from training.trainer import TrainConfig
 
     cfg = TrainConfig(
-        backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color,
+        backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color, face_margin=face_margin,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
         balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion,
         freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
@@ -199,11 +207,13 @@ def rollback(kind, task, tracking_uri):
 def update(force, task, tracking_uri):
     """Run one online update now: partial_fit on queued feedback, gate, register, promote."""
     from infantino.settings import get_settings
-    from online.queue import FeedbackQueue
     from online.updater import Updater
+    from registry.embedder import torch_embedder
+    from store import Stores
 
     reg = _registry(task, tracking_uri)
-    report = Updater(get_settings(), reg, FeedbackQueue(get_settings().resolved_queue_url)).run_once(force=force)
+    stores = Stores.open(get_settings().storage.database_url)
+    report = Updater(get_settings().online, reg, stores.feedback, stores.lease, embed=torch_embedder(reg)).run_once(force=force)
     if report is None:
         raise click.ClickException("no update ran: nothing queued (or below the threshold without --force), or another process holds the lease")
     click.echo(json.dumps(report.to_dict(), indent=2))
@@ -215,16 +225,16 @@ def update(force, task, tracking_uri):
 @uri_option
 def bootstrap(if_empty, task, tracking_uri):
     """Register the model shipped in infantino/default_model/ as champion (first run)."""
-    from infantino.shipped import DEFAULT_DIR, register_shipped
+    from registry.shipped import DEFAULT_DIR, register_shipped
 
     if not (DEFAULT_DIR / "model.json").exists():
         raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
     reg = _registry(task or json.loads((DEFAULT_DIR / "model.json").read_text())["task"], tracking_uri)
     if if_empty and reg.has_champion():
-        click.echo(f"registry at {reg.tracking_uri} already has a champion (task {reg.task}, head v{reg.champion_version('head')})")
+        click.echo(f"registry at {reg.display_uri} already has a champion (task {reg.task}, head v{reg.champion_version('head')})")
         return
     bv, hv = register_shipped(reg)
-    click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.tracking_uri})")
+    click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.display_uri})")
 
 
 @main.command("export-default")
@@ -236,7 +246,7 @@ def export_default(out_dir, command, task, tracking_uri):
     """Write the champion pair as the project's shipped model (safetensors + skops + model.json)."""
     from pathlib import Path
 
-    from infantino.shipped import DEFAULT_DIR, export_champion
+    from registry.shipped import DEFAULT_DIR, export_champion
 
     out = export_champion(_registry(task, tracking_uri), Path(out_dir) if out_dir else DEFAULT_DIR, command)
     click.echo(f"wrote {out}")
@@ -251,9 +261,17 @@ def bundle(task, tracking_uri):
     from infantino.settings import get_settings
     from registry.bundle import bundle_champions
 
-    for name in [task] if task else get_settings().tasks:
+    for name in [task] if task else get_settings().models.tasks:
         for tag in bundle_champions(_registry(name, tracking_uri)):
             click.echo(f"bundled {tag}")
+
+
+@main.command("settings")
+def settings_table():
+    """Print every setting (environment variable, default, meaning) as the README's table."""
+    from infantino.settings import markdown_table
+
+    click.echo(markdown_table())
 
 
 if __name__ == "__main__":

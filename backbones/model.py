@@ -1,8 +1,8 @@
-"""The backbone: any timm model, topped with a 64-d embedding layer.
+"""The backbone network: any timm model, topped with a 64-d embedding layer.
 
 ``create_backbone`` is the factory (in the spirit of ``timm.create_model``). The network
 maps a normalised image batch to 64-d embeddings; a linear classifier sits on top only
-while the backbone is trained, the served classifier is the scikit-learn head.
+while the backbone is trained, the served classifier is the scikit-learn head (heads/).
 """
 
 from __future__ import annotations
@@ -46,17 +46,20 @@ def create_backbone(
     embedding_dim: int = EMBEDDING_DIM,
     drop_rate: float = 0.2,
     drop_path_rate: float = 0.0,
+    **timm_args,
 ) -> EmbeddingNet:
     """Build an EmbeddingNet over ``timm.create_model(name)``.
 
     ``pretrained`` downloads timm's weights (needs a network); ``checkpoint`` loads a local
     weights file for the timm model instead, which is the offline way to start pretrained.
+    ``timm_args`` go to ``timm.create_model`` as they are (e.g. ``mlp_ratio`` for VGG).
     """
     import timm
 
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise BackboneError(f"unknown timm model {name!r}; see timm.list_models() for accepted names")
-    kwargs: dict = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    # drop_path_rate only when asked: some families (VGG) have no stochastic depth and refuse it.
+    kwargs: dict = dict(num_classes=0, **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}), **timm_args)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -74,42 +77,3 @@ def create_backbone(
             ) from exc
         raise BackboneError(f"could not build {name!r}: {exc}") from exc
     return EmbeddingNet(features, n_classes, embedding_dim, drop_rate)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present, else CPU (or whatever is asked)."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def for_inference(model: EmbeddingNet) -> EmbeddingNet:
-    """Eval mode in channels_last memory format: 1.25x the CPU throughput of the default
-    format for resnet18 at 64 px, batch 32 (bench/results/cpu_runtime.json)."""
-    return model.eval().to(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def embed_images(
-    model: EmbeddingNet, x_uint8, prep, batch_size: int = 256, occlude: bool = False, progress: str | None = None
-):
-    """Embed uint8 (N, H, W, 3) images batch by batch; returns float32 numpy (N, 64).
-
-    ``occlude`` flattens the lower face first (the masked-face evaluation).
-    """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from infantino.images import normalise
-    from training.augment import occlude_lower_face
-
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(x_uint8), batch_size), desc=progress, unit="batch", leave=False, disable=progress is None):
-        chunk = torch.from_numpy(normalise(x_uint8[start : start + batch_size], prep)).to(device)
-        chunk = chunk.contiguous(memory_format=torch.channels_last)  # see for_inference
-        if occlude:
-            chunk = occlude_lower_face(chunk)
-        out.append(model(chunk).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, EMBEDDING_DIM), np.float32)

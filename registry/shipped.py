@@ -1,6 +1,6 @@
 """The model that ships inside the project, so a fresh machine serves a real one.
 
-``export_champion`` writes the registry's champion pair to ``infantino/default_model/``:
+``export_champion`` writes the registry's champion pair to ``registry/default_model/``:
 fp16 safetensors weights, the skops head, the replay/validation embeddings and a
 ``model.json`` with label set, preprocessing, metrics, data fingerprint and the command that
 produced it. ``register_shipped`` puts them into an (empty) registry as champion.
@@ -16,9 +16,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from heads import trusted_types
+from heads.mlp import MLPHead
+from infantino.embeddings import EmbeddingSet
 from infantino.images import Preprocessing
 from registry.store import CHAMPION, ModelRegistry
-from training.head import TRUSTED_TYPES, EmbeddingSet
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_model"
 
@@ -43,7 +45,7 @@ def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, comman
     meta = {
         "task": registry.task,
         "backbone": backbone.tags.get("backbone_name"),
-        "embedding_dim": int(backbone.model.embed[1].out_features),
+        "embedding_dim": int(head.model.n_features_in_),
         "classes": head.classes,
         "preprocessing": backbone.preprocessing.to_dict(),
         "data": backbone.tags.get("data"),
@@ -63,7 +65,7 @@ def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> 
     import torch
     from safetensors.torch import load_file
 
-    from training.model import create_backbone
+    from backbones.model import create_backbone
 
     meta = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.from_dict(meta["preprocessing"])
@@ -71,7 +73,9 @@ def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> 
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(model_dir / "backbone.safetensors")).items()}
     model.load_state_dict(state)
     model.eval()
-    head = skops.io.load(model_dir / "head.skops", trusted=TRUSTED_TYPES + skops.io.get_untrusted_types(file=model_dir / "head.skops"))
+    head = skops.io.load(model_dir / "head.skops", trusted=trusted_types())
+    if not isinstance(head, MLPHead):  # a head exported before heads/ existed: a bare MLPClassifier
+        head = MLPHead.from_mlp(head)
     with np.load(model_dir / "embeddings.npz") as npz:
         replay = EmbeddingSet(npz["replay_x"].astype(np.float32), npz["replay_y"])
         validation = EmbeddingSet(npz["val_x"].astype(np.float32), npz["val_y"])

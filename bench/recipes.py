@@ -1,0 +1,81 @@
+"""Which training recipe gives the best FER2013 model a 2-core CPU can train? Measured, not guessed.
+
+    .venv/bin/python -m bench.recipes                 # every recipe not yet in the results file
+    .venv/bin/python -m bench.recipes --only r18-64-adamw --epochs 6
+
+Each recipe trains a backbone from scratch (or continues the shipped model) for the same short
+budget of epochs on the FER2013 training split, then fits the MLP head on its embeddings and
+scores backbone + head on the validation split (the split `infantino train` and `infantino
+evaluate --holdout 0.1` use). Reported per recipe: validation accuracy after every epoch,
+the final served accuracy (backbone + head), seconds per epoch and training images per second.
+Short budgets rank recipes; they do not predict the accuracy of a long run.
+Results accumulate in bench/results/recipes.json (a rerun skips recipes already measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import DATA, FER_CLASSES, RESULTS, write_result
+from training.data import load_dataset, stratified_split
+from training.head import fit_head
+from training.model import embed_images
+from training.trainer import TrainConfig, train_backbone
+
+BASE = dict(mixup_prob=0.3, threads=2)
+RECIPES: dict[str, dict] = {
+    # architecture and input size, the current recipe otherwise (AdamW + cosine, balanced sampler)
+    "r18-64-adamw": dict(backbone="resnet18", image_size=64),
+    "r18-48-adamw": dict(backbone="resnet18", image_size=48),
+    "vgg11bn-48-sgd": dict(backbone="vgg11_bn", image_size=48, backbone_args={"mlp_ratio": 0.125}, drop_path_rate=0.0,
+                           optimizer="sgd", lr=0.01, weight_decay=1e-4),
+    # optimiser and sampling, resnet18 at 64 px
+    "r18-64-sgd": dict(backbone="resnet18", image_size=64, optimizer="sgd", lr=0.01, weight_decay=1e-4),
+    "r18-64-adamw-natural": dict(backbone="resnet18", image_size=64, balance="none"),
+}
+
+
+def run(name: str, recipe: dict, epochs: int, data_cache: dict) -> dict:
+    cfg = TrainConfig(**{**BASE, **recipe, "epochs": epochs})
+    if cfg.image_size not in data_cache:
+        fer = load_dataset(DATA / "fer2013_train.npz", cfg.image_size, cfg.grayscale, FER_CLASSES)
+        data_cache[cfg.image_size] = stratified_split(fer, 0.1, 0)
+    train, val = data_cache[cfg.image_size]
+    curve = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as out:
+        model = train_backbone(cfg, train, val, out, on_epoch=lambda e, m: curve.append({"epoch": e + 1, **m}))
+    train_s = time.time() - started
+    prep = cfg.preprocessing
+    head = fit_head(embed_images(model, train.x, prep), train.y, len(FER_CLASSES))
+    served = float(np.mean(head.predict(embed_images(model, val.x, prep)) == val.y))
+    return {"recipe": recipe, "epochs": epochs, "curve": curve, "val_accuracy_backbone_head": served,
+            "seconds_per_epoch": train_s / epochs, "train_images_per_s": len(train) * epochs / train_s,
+            "params_millions": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="recipe names (default: all not yet measured)")
+    ap.add_argument("--again", action="store_true", help="measure recipes already in the results file again")
+    args = ap.parse_args()
+    path = RESULTS / "recipes.json"
+    results = json.loads(path.read_text())["recipes"] if path.exists() else {}
+    cache: dict = {}
+    for name in args.only or list(RECIPES):
+        if name in results and not args.again:
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run(name, RECIPES[name], args.epochs, cache)
+        print(f"{name}: {results[name]['val_accuracy_backbone_head']:.4f} in {results[name]['seconds_per_epoch']:.0f} s/epoch", flush=True)
+        write_result("recipes", {"command": "python bench/recipes.py", "recipes": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The MLP head: a scikit-learn MLPClassifier on 64-d embeddings, continued online with partial_fit.
+
+Fitted once offline (``fit``: to convergence) and continued online (``partial_fit``: a few
+gentle passes at ``online_learning_rate``), which is why it is an MLP with the Adam solver.
+Everything about the MLP's internals stays in this file.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.neural_network import MLPClassifier
+
+
+class MLPHead(ClassifierMixin, BaseEstimator):
+    """An sklearn-style classifier (fit, partial_fit, predict_proba; learned state ends in ``_``).
+
+    ``classes`` given to ``fit`` (default: the labels seen) fixes the label set once, so online
+    updates may later bring any class, even one absent from the first fit.
+    """
+
+    # skops loads only types it is told to trust: ours and the MLP's optimizer.
+    TRUSTED_TYPES = ("heads.mlp.MLPHead", "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
+
+    def __init__(self, hidden_layer_sizes: tuple[int, ...] = (128,), alpha: float = 1e-3, learning_rate_init: float = 1e-3,
+                 max_iter: int = 200, random_state: int = 0, online_learning_rate: float = 3e-4, online_passes: int = 5):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.alpha = alpha
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.online_learning_rate = online_learning_rate
+        self.online_passes = online_passes
+
+    @classmethod
+    def from_mlp(cls, mlp: MLPClassifier) -> "MLPHead":
+        """Wrap an already fitted MLPClassifier."""
+        head = cls(hidden_layer_sizes=mlp.hidden_layer_sizes, alpha=mlp.alpha, learning_rate_init=mlp.learning_rate_init,
+                   max_iter=mlp.max_iter, random_state=mlp.random_state if isinstance(mlp.random_state, int) else 0)
+        head.mlp_, head.classes_, head.n_features_in_, head.online_updates_ = mlp, mlp.classes_, mlp.n_features_in_, 0
+        return head
+
+    def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "MLPHead":
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        self.mlp_ = MLPClassifier(hidden_layer_sizes=self.hidden_layer_sizes, alpha=self.alpha,
+                                  learning_rate_init=self.learning_rate_init, max_iter=self.max_iter,
+                                  early_stopping=False, random_state=self.random_state)
+        classes = np.unique(y) if classes is None else np.asarray(classes)
+        # A first partial_fit fixes the whole label set; fit then trains to convergence keeping it
+        # (sklearn's warm start needs every class present; otherwise epochs of partial_fit do).
+        self.mlp_.partial_fit(X[:1], y[:1], classes=classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if np.array_equal(np.unique(y), classes):
+                self.mlp_.set_params(warm_start=True)
+                self.mlp_.fit(X, y)
+                self.mlp_.set_params(warm_start=False)
+            else:
+                rng = np.random.default_rng(self.random_state)
+                for _ in range(self.max_iter):
+                    order = rng.permutation(len(y))
+                    self.mlp_.partial_fit(X[order], y[order])
+        self.classes_, self.n_features_in_, self.online_updates_ = self.mlp_.classes_, X.shape[1], 0
+        return self
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "MLPHead":
+        """Continue training: ``online_passes`` shuffled passes at ``online_learning_rate``."""
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        if not hasattr(self, "mlp_"):
+            return self.fit(X, y, classes)
+        # partial_fit continues the head's own Adam state, whose step size was fixed at the first
+        # fit; sklearn reads it from the optimizer, so set both.
+        self.mlp_.set_params(learning_rate_init=self.online_learning_rate)
+        self.mlp_._optimizer.learning_rate_init = self.online_learning_rate
+        rng = np.random.default_rng(self.random_state + self.online_updates_)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(self.online_passes if len(y) else 0):
+                order = rng.permutation(len(y))
+                self.mlp_.partial_fit(X[order], y[order])
+        self.online_updates_ += 1
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.mlp_.predict_proba(np.asarray(X, np.float32))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
