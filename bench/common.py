@@ -4,15 +4,15 @@ Holds the data location, the FER class order, the one fixed stream/test split of
 the infant photos that every infant benchmark uses, and a helper that writes a
 benchmark's result to bench/results/<name>.json with a note of the machine.
 
-Not run on its own; a benchmark imports it. From a script in bench/ that must
-not depend on the infantino package (e.g. one run with another venv)::
+Not run on its own; a benchmark imports it (``from bench.common import ...``), the
+benchmarks being run from the project root as ``python -m bench.<name>``. It imports
+nothing from the project (only the standard library, numpy and scikit-learn), so a
+benchmark run with another venv that lacks the project (bench/fer_baseline.py) can
+use it too.
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import infant_split, write_result
+Quick check of the split (any python with numpy and scikit-learn, from the project root)::
 
-Quick check of the split (any python with numpy and scikit-learn)::
-
-    python bench/common.py
+    python -m bench.common
 """
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ def infant_split(
 
 
 def bootstrap_home(home: Path) -> "subprocess.CompletedProcess[str]":
-    """Register the shipped model (infantino/default_model) as champion in a fresh INFANTINO_HOME."""
+    """Register the shipped model (registry/default_model) as champion in a fresh INFANTINO_HOME."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "infantino.cli", "bootstrap"], cwd=BENCH.parent,
+    return subprocess.run([sys.executable, "-m", "cli.main", "bootstrap"], cwd=BENCH.parent,
                           env={**os.environ, "INFANTINO_HOME": str(home)}, capture_output=True, text=True)
 
 

@@ -1,12 +1,13 @@
 """Which CPU settings and runtime run the shipped backbone fastest: the numbers behind the defaults.
 
-    .venv/bin/python bench/cpu_runtime.py            # ~2 minutes on 2 CPU cores
-    .venv/bin/python bench/cpu_runtime.py --onnx     # also ONNX Runtime (pip install onnxruntime onnx onnxscript)
+    .venv/bin/python -m bench.cpu_runtime            # ~2 minutes on 2 CPU cores
+    .venv/bin/python -m bench.cpu_runtime --onnx     # also ONNX Runtime (pip install onnxruntime onnx onnxscript)
 
 Model-only throughput (normalise + backbone on already resized uint8 arrays) of the shipped
 backbone at batch 1 and 32 (the service's max batch), for: torch's default settings,
 channels_last memory format, 1 vs all threads, and, with --onnx, the same model exported to
-ONNX and run by ONNX Runtime. Results: bench/results/cpu_runtime.json.
+ONNX (backbones.runtime.export_onnx, as the service exports it) and run by ONNX Runtime.
+Results: bench/results/cpu_runtime.json.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from common import bootstrap_home, write_result  # noqa: E402
-
-from infantino.images import normalise  # noqa: E402
-from infantino.settings import Settings  # noqa: E402
-from registry.store import ModelRegistry  # noqa: E402
+from backbones.runtime import export_onnx
+from bench.common import bootstrap_home, write_result
+from infantino.images import normalise
+from infantino.settings import Settings
+from registry.store import ModelRegistry
 
 
 def rate(run, x: np.ndarray, seconds: float) -> dict:
@@ -86,13 +84,11 @@ def main() -> int:
         if args.onnx:
             import onnxruntime as ort
 
-            path = Path(tmp) / "backbone.onnx"
-            torch.onnx.export(model, torch.from_numpy(batches[1]), str(path), input_names=["x"], output_names=["embedding"],
-                              dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
+            onnx = export_onnx(model, prep.input_size)
             for threads in (all_threads, 1):
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads
-                session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
                 same = np.abs(session.run(None, {"x": batches[32]})[0] - torch_run(False)(batches[32])).max()
                 results[f"onnxruntime {threads} thread(s)"] = {
                     **{f"batch_{b}": rate(lambda x: session.run(None, {"x": x})[0], x, args.seconds) for b, x in batches.items()},
@@ -108,7 +104,7 @@ def main() -> int:
         print(f"{name:32s} batch 1: {row['batch_1_images_per_s']:7.1f} img/s   batch 32: {row['batch_32_images_per_s']:7.1f} img/s "
               f"({row['batch_32_vs_torch_default']:.2f}x)")
     write_result(args.out, {
-        "command": "python bench/cpu_runtime.py" + (" --onnx" if args.onnx else ""),
+        "command": "python -m bench.cpu_runtime" + (" --onnx" if args.onnx else ""),
         "model": {"backbone": loaded.tags.get("backbone_name"), "preprocessing": prep.to_dict()},
         "torch": torch.__version__, "threads_default": all_threads, "summary": summary, "runs": results,
     })

@@ -1,6 +1,6 @@
 """Sustained acknowledged feedback per second (durable writes), over HTTP.
 
-    .venv/bin/python bench/feedback_ingest.py          # ~1 minute
+    .venv/bin/python -m bench.feedback_ingest          # ~1 minute
 
 A real `bentoml serve` with the shipped model; the updater is kept idle (a huge trigger) so
 only ingestion is measured. Two kinds of feedback, each with 1 and 16 closed-loop clients:
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import io
 import sys
 import tempfile
 import time
@@ -21,23 +20,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from common import bootstrap_home, write_result  # noqa: E402
-
-from service.process import BentoServer  # noqa: E402
+from bench.common import bootstrap_home, write_result
+from testkit.faces import draw_face, png_bytes
+from testkit.server import BentoServer
 
 
 def face_png() -> bytes:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import draw_face
-
-    buf = io.BytesIO()
-    draw_face(0, 96).save(buf, "PNG")
-    return buf.getvalue()
+    return png_bytes(draw_face(0, 96))
 
 
 def run(server: BentoServer, kind: str, clients: int, seconds: float, label: str, img: bytes) -> dict:
@@ -87,7 +77,7 @@ def main() -> None:
             with httpx.Client(base_url=server.url) as c:
                 stored = c.get("/model").json()["queue"]
     acked = sum(r["acks_per_s"] * args.seconds for r in rows)
-    path = write_result("feedback_ingest", {"command": "python bench/feedback_ingest.py " + " ".join(sys.argv[1:]),
+    path = write_result("feedback_ingest", {"command": "python -m bench.feedback_ingest " + " ".join(sys.argv[1:]),
                                              "seconds_per_level": args.seconds, "levels": rows, "queue_after": stored,
                                              "acknowledged": round(acked), "durability": "SQLite WAL, synchronous=FULL on feedback commits"})
     print(f"wrote {path}")

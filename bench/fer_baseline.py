@@ -21,7 +21,9 @@ same file as in fer 22.x) are also scored on the same face boxes and reported
 under "keras_hdf5" (skip with --no-keras).
 
 It needs its own venv (TensorFlow; not the project's .venv) and does not import
-the infantino packages. Set-up (once), from anywhere:
+the project's packages: only numpy, PIL, scikit-learn, tqdm (if present), fer and
+bench.common (which imports nothing from the project either). Set-up (once), from
+anywhere:
 
     python3 -m venv /work/fer_venv
     /work/fer_venv/bin/pip install tensorflow-cpu 'opencv-python-headless<5' pillow numpy scikit-learn
@@ -32,9 +34,10 @@ on Python >= 3.12 add `/work/fer_venv/bin/pip install 'setuptools<81'`. None of
 fer's other declared deps, moviepy, pandas, facenet-pytorch, ffmpeg-python,
 matplotlib, opencv-contrib-python, are needed for `fer.fer.FER`.)
 
-Run from the project root:
+Run from the project root, as a module (with `-m` the current folder is importable,
+so `bench.common` is found without the project being installed in that venv):
 
-    /work/fer_venv/bin/python bench/fer_baseline.py
+    /work/fer_venv/bin/python -m bench.fer_baseline
 
 Options: --seed (split seed, default 0), --root (data folder), --limit N
 (first N test images only, for a smoke test; then the result is written as
@@ -55,8 +58,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quieter TensorFlow start-u
 import numpy as np
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, FER_CLASSES, infant_split, write_result  # noqa: E402
+from bench.common import DATA, FER_CLASSES, infant_split, write_result
 
 try:
     from tqdm import tqdm
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N test images (smoke test)")
     ap.add_argument("--no-keras", action="store_true", help="skip the unquantised Keras-weights comparison")
     args = ap.parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
+    command = shlex.join([sys.executable, "-m", "bench.fer_baseline", *(sys.argv[1:] if argv is None else argv)])
 
     warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*structure of `inputs` doesn't match.*")

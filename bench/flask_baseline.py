@@ -9,10 +9,10 @@ the real service does) with the same decoder and preprocessing, so the answers m
     POST /predict   multipart field ``image`` -> {label, confidence, probabilities}
     GET  /ping      200 once the models are loaded
 
-Run (bench/serve.py starts it for you):
+Run from the project root (bench/serve.py starts it for you):
 
-    .venv/bin/python bench/flask_baseline.py --port 5055                 # Flask dev server, threaded=True
-    .venv/bin/gunicorn -b 127.0.0.1:5055 -w 2 --chdir bench 'flask_baseline:create_app()'
+    .venv/bin/python -m bench.flask_baseline --port 5055                 # Flask dev server, threaded=True
+    .venv/bin/gunicorn -b 127.0.0.1:5055 -w 2 'bench.flask_baseline:create_app()'
 """
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ from flask import Flask, jsonify, request
 def create_app() -> Flask:
     import torch
 
+    from backbones.inference import for_inference
     from infantino.images import ImageError, normalise, open_image, to_model_array
     from infantino.settings import get_settings
     from registry.store import CHAMPION, ModelRegistry
 
     settings = get_settings()
-    if settings.torch_threads:  # INFANTINO_TORCH_THREADS, as the service reads it
-        torch.set_num_threads(settings.torch_threads)
+    if settings.serving.torch_threads:  # INFANTINO_TORCH_THREADS, as the service reads it
+        torch.set_num_threads(settings.serving.torch_threads)
     registry = ModelRegistry(settings)
     head = registry.load_head(CHAMPION)
     backbone = registry.load_backbone(head.backbone_version)
     prep = backbone.preprocessing
-    model = backbone.model.eval()
+    model = for_inference(backbone.model)  # eval + channels_last, as registry.load_backbone used to return it
 
     app = Flask("infantino-flask-baseline")
 
@@ -51,7 +52,7 @@ def create_app() -> Flask:
         if upload is None:
             return jsonify(error="missing_image", message="send a multipart field 'image'"), 400
         try:
-            img = open_image(upload.read(), settings.max_image_bytes, settings.max_image_pixels, prep.input_size)
+            img = open_image(upload.read(), settings.limits.max_image_bytes, settings.limits.max_image_pixels, prep.input_size)
         except ImageError as exc:
             return jsonify(error=exc.code, message=str(exc)), 400
         x = normalise(to_model_array(img, prep.input_size, prep.grayscale)[None], prep)

@@ -1,6 +1,6 @@
 """How fast does feedback become a served model, and what does an online update cost?
 
-    .venv/bin/python bench/online_update.py            # ~3-5 minutes on 2 CPU cores
+    .venv/bin/python -m bench.online_update            # ~3-5 minutes on 2 CPU cores
 
 1. Latency: a real `bentoml serve` (update trigger N=64 items). Post N-1 feedback items,
    then the N-th; from the N-th's acknowledgement, poll POST /predict until an answer names
@@ -28,14 +28,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-
-from common import DATA, FER_CLASSES, bootstrap_home, write_result  # noqa: E402
-
-from infantino.settings import Settings  # noqa: E402
-from registry.store import ModelRegistry  # noqa: E402
-from service.process import BentoServer  # noqa: E402
+from bench.common import DATA, FER_CLASSES, bootstrap_home, write_result
+from infantino.settings import Settings
+from registry.store import ModelRegistry
+from testkit.faces import draw_face
+from testkit.server import BentoServer
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -51,8 +48,6 @@ def feedback_images(n: int, classes: list[str], seed: int) -> list[tuple[bytes, 
         with np.load(npz) as d:
             idx = rng.choice(len(d["y"]), n, replace=False)
             return [(png(d["x"][i]), classes[int(d["y"][i])], d["x"][i]) for i in idx]
-    from conftest import draw_face
-
     out = []
     for i in range(n):
         label = i % len(classes)
@@ -64,8 +59,8 @@ def feedback_images(n: int, classes: list[str], seed: int) -> list[tuple[bytes, 
 def prepare_home(home: Path) -> str:
     out = bootstrap_home(home)
     if out.returncode == 0:
-        return "shipped model (infantino/default_model)"
-    from serving import train_tiny_registry
+        return "shipped model (registry/default_model)"
+    from testkit.registry import train_tiny_registry
 
     train_tiny_registry(home)
     return "tiny test model (no shipped model found): " + out.stderr.strip()[-200:]
@@ -100,11 +95,12 @@ def measure_latency(server: BentoServer, n: int, trials: int, classes: list[str]
 def measure_costs(home: Path, n: int, classes: list[str], fine_tune_epochs: int, reembed_limit: int | None) -> dict:
     import torch
 
-    from online.queue import FeedbackQueue
+    from backbones.inference import embed_images
+    from heads import create_head
     from online.updater import Updater
+    from registry.embedder import torch_embedder
+    from store import Stores
     from training.data import LabelledImages, load_dataset
-    from training.head import fit_head
-    from training.model import embed_images
     from training.trainer import TrainConfig, train_backbone
 
     settings = Settings(home=home, update_min_items=n, gate_max_val_drop=1.0)
@@ -113,16 +109,17 @@ def measure_costs(home: Path, n: int, classes: list[str], fine_tune_epochs: int,
     backbone = registry.load_backbone(head.backbone_version)
     prep = backbone.preprocessing
     items = feedback_images(n, classes, seed=1234)
-    queue = FeedbackQueue(settings.resolved_queue_url)
+    stores = Stores.open(settings.storage.database_url)
     x = np.stack([np.repeat(a[:, :, None], 3, 2) if a.ndim == 2 else a for _, _, a in items])
     from infantino.images import to_model_array
 
     x = np.stack([to_model_array(Image.fromarray(a), prep.input_size, prep.grayscale) for a in x])
     emb = embed_images(backbone.model, x, prep)
     for e, (_, label, _) in zip(emb, items):
-        queue.add(task=registry.task, label=label, embedding=e, backbone_version=backbone.version)
+        stores.feedback.add(task=registry.task, label=label, embedding=e, backbone_version=backbone.version)
+    updater = Updater(settings.online, registry, stores.feedback, stores.lease, embed=torch_embedder(registry))
     start = time.perf_counter()
-    report = Updater(settings, registry, queue).run_once(force=True)
+    report = updater.run_once(force=True)
     online_s = time.perf_counter() - start
 
     y = np.array([classes.index(lbl) for _, lbl, _ in items])
@@ -145,7 +142,8 @@ def measure_costs(home: Path, n: int, classes: list[str], fine_tune_epochs: int,
         train_emb = embed_images(tuned, train.x, prep, progress="re-embedding the training set")
         reembed_s = time.perf_counter() - start
         start = time.perf_counter()
-        fit_head(np.concatenate([train_emb, embed_images(tuned, x, prep)]), np.concatenate([train.y, y]), len(classes))
+        create_head("mlp", random_state=0).fit(np.concatenate([train_emb, embed_images(tuned, x, prep)]), np.concatenate([train.y, y]),
+                                               classes=np.arange(len(classes)))
         head_s = time.perf_counter() - start
     full = fine_tune_s + (reembed_s or 0) + (head_s or 0)
     return {
@@ -178,7 +176,7 @@ def main() -> None:
         costs = measure_costs(cost_home, args.n, classes, args.fine_tune_epochs, args.reembed_limit)
     served = [r["seconds_to_served"] for r in latency if r["seconds_to_served"] is not None]
     summary = {
-        "command": "python bench/online_update.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.online_update " + " ".join(sys.argv[1:]),
         "model": model, "n": args.n, "model_poll_s": 0.5,
         "latency_trials": latency,
         "seconds_to_served_median": float(np.median(served)) if served else None,

@@ -2,15 +2,15 @@
 
 One command, a few minutes on a 2-core CPU:
 
-    .venv/bin/python bench/serve.py                  # full run (--duration 20 s per load level)
-    .venv/bin/python bench/serve.py --quick          # smoke test: small numbers, same steps
-    .venv/bin/python bench/serve.py --home DIR       # an INFANTINO_HOME whose registry has a champion
+    .venv/bin/python -m bench.serve                  # full run (--duration 20 s per load level)
+    .venv/bin/python -m bench.serve --quick          # smoke test: small numbers, same steps
+    .venv/bin/python -m bench.serve --home DIR       # an INFANTINO_HOME whose registry has a champion
 
 Without --home, a temporary home is made and ``infantino bootstrap`` registers the shipped model
-(infantino/default_model/); if that fails (no shipped model), tests/serving.train_tiny_registry
+(registry/default_model/); if that fails (no shipped model), testkit.registry.train_tiny_registry
 trains a tiny one instead, and the JSON says so.
 
-Test images: 640x480 JPEG photos (quality 90) of a face drawn with tests/conftest.draw_face,
+Test images: 640x480 JPEG photos (quality 90) of a face drawn with testkit.faces.draw_face,
 resized onto a noisy background; the same bytes go to every measurement.
 
 1. The limit, in-process (champion backbone + head loaded from the registry, torch.inference_mode,
@@ -19,14 +19,14 @@ resized onto a noisy background; the same bytes go to every measurement.
    b) throughput at batch sizes 1, 8, 16, 32, 64, end to end (decode + preprocess included,
       sequential in one thread) and model-only (normalise + backbone + head on already resized
       uint8 arrays). The best end-to-end batched throughput is "the limit".
-2. InfantinO over HTTP: a real ``bentoml serve`` (service.process.BentoServer), closed-loop clients
+2. InfantinO over HTTP: a real ``bentoml serve`` (testkit.server.BentoServer), closed-loop clients
    (1 and 16; each sends its next request when the previous one is answered) POSTing /predict
    multipart: throughput, p50/p99 latency, errors, and the adaptive batch sizes of the backbone's
    ``embed`` read from /metrics (difference over the measured window).
 3. Alternatives, same clients and images:
    a) ``mlflow models serve`` of an MLflow pyfunc wrapping the same champion backbone + head
       (base64 image column -> decode -> preprocess -> predict), logged to a temporary tracking store;
-   b) a plain Flask app (bench/flask_baseline.py), one model call per request.
+   b) a plain Flask app (bench.flask_baseline), one model call per request.
 
 Everything is also given relative to the limit (throughput / limit, latency - raw single-image
 latency), with the goals: at 16 clients InfantinO >= 80 % of the limit and >= 2x mlflow serve;
@@ -59,11 +59,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT))
-from common import write_result  # noqa: E402
+from bench.common import write_result
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH_SIZES = (1, 8, 16, 32, 64)
 CLIENT_LEVELS = (1, 16)
@@ -148,19 +146,18 @@ def prepare_home(args, work: Path) -> tuple[Path, dict]:
         return Path(args.home).resolve(), {"source": "given", "home": str(Path(args.home).resolve())}
     home = work / "home"
     home.mkdir()
-    cmd = [sys.executable, "-m", "infantino.cli", "bootstrap"]
+    cmd = [sys.executable, "-m", "cli.main", "bootstrap"]
     log(f"[model] {' '.join(cmd)} (INFANTINO_HOME={home})")
     r = subprocess.run(cmd, cwd=ROOT, env=base_env(home), capture_output=True, text=True, timeout=900)
     if r.returncode == 0:
-        return home, {"source": "bootstrap (shipped infantino/default_model)", "home": "temporary", "bootstrap": r.stdout.strip()}
+        return home, {"source": "bootstrap (shipped registry/default_model)", "home": "temporary", "bootstrap": r.stdout.strip()}
     why = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-    log(f"[model] bootstrap failed ({why[0]}); training the tiny test model instead (tests/serving.train_tiny_registry)")
+    log(f"[model] bootstrap failed ({why[0]}); training the tiny test model instead (testkit.registry.train_tiny_registry)")
     for p in list(home.iterdir()):  # start from an empty home
         subprocess.run(["rm", "-rf", str(p)], check=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serving import train_tiny_registry  # tests/serving.py (imports tests/conftest.py)
-
     import torch
+
+    from testkit.registry import train_tiny_registry
 
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
@@ -168,7 +165,7 @@ def prepare_home(args, work: Path) -> tuple[Path, dict]:
         train_tiny_registry(home)
     torch.set_num_threads(threads)  # its TrainConfig(threads=1) set 1 for the whole process; the raw limit uses the default
     return home, {
-        "source": "tests/serving.train_tiny_registry (fallback)", "home": "temporary",
+        "source": "testkit.registry.train_tiny_registry (fallback)", "home": "temporary",
         "fallback_reason": f"`infantino bootstrap` failed: {why[0]}",
         "note": "a tiny test backbone (test_efficientnet, 48 px, 3 classes): NOT the shipped model; "
                 "the model is so cheap that HTTP and decoding dominate",
@@ -180,7 +177,7 @@ def make_photos(n: int, seed: int = 0) -> list[bytes]:
     """640x480 JPEG (q90) photos: a drawn face, resized, on a noisy background."""
     from PIL import Image, ImageFilter
 
-    from conftest import draw_face  # tests/conftest.py
+    from testkit.faces import draw_face
 
     rng = np.random.default_rng(seed)
     out = []
@@ -224,21 +221,22 @@ def measure_raw(home: Path, photos: list[bytes], n_single: int, seconds_per_batc
     if torch_threads:
         torch.set_num_threads(torch_threads)
 
+    from backbones.inference import for_inference
+    from backbones.runtime import create_runner
     from infantino.images import open_image, to_model_array
-    from infantino.settings import Settings
+    from infantino.settings import Settings, get_settings
     from registry.store import CHAMPION, ModelRegistry
-    from infantino.settings import get_settings
-    from service.backbone import runner
 
     registry = ModelRegistry(Settings(home=home))
     head = registry.load_head(CHAMPION)
     backbone = registry.load_backbone(head.backbone_version)
-    model, prep, clf = backbone.model.eval(), backbone.preprocessing, head.model
+    model, prep, clf = for_inference(backbone.model), backbone.preprocessing, head.model  # as the backbone service loads it
 
     def preprocess(raw: bytes) -> np.ndarray:
         return to_model_array(open_image(raw, reduce_to=prep.input_size), prep.input_size, prep.grayscale)
 
-    embed = runner(backbone, get_settings().backbone_runtime)  # the backbone service's own runtime choice
+    settings = get_settings()  # the backbone service's own runtime choice and thread setting
+    embed = create_runner(prep, settings.models.backbone_runtime, model=model, threads=settings.serving.torch_threads)
 
     def infer(arrays: np.ndarray) -> np.ndarray:
         return clf.predict_proba(embed(arrays))
@@ -541,7 +539,7 @@ def log_pyfunc(home: Path, work: Path, photo: bytes) -> tuple[str, str, dict]:
 # ---- servers ------------------------------------------------------------------------------------
 
 def bench_infantino(home: Path, work: Path, photos, expected, levels, args) -> dict:
-    from service.process import BentoServer
+    from testkit.server import BentoServer
 
     env = {
         "INFANTINO_HOME": str(home), "INFANTINO_UPDATE_MIN_ITEMS": "1000000", "INFANTINO_UPDATE_INTERVAL_S": "1000000",
@@ -574,7 +572,7 @@ def bench_infantino(home: Path, work: Path, photos, expected, levels, args) -> d
 
 
 def bench_mlflow(home: Path, work: Path, photos, expected, levels, args) -> dict:
-    from service.process import free_port
+    from testkit.server import free_port
 
     t = time.perf_counter()
     uri, tracking, info = log_pyfunc(home, work, photos[0])
@@ -608,17 +606,17 @@ def measure_server(out: dict, cmd: list[str], env: dict, logp: Path, target: "Ta
 
 
 def bench_flask(home: Path, work: Path, photos, expected, levels, args) -> dict:
-    from service.process import free_port
+    from testkit.server import free_port
 
     port = free_port()
     if args.flask_server == "gunicorn":
         gunicorn = Path(sys.executable).parent / "gunicorn"
         cmd = [str(gunicorn), "-b", f"127.0.0.1:{port}", "-w", str(args.flask_workers), "--timeout", "120",
-               "--chdir", str(BENCH), "flask_baseline:create_app()"]
-        desc = f"gunicorn -w {args.flask_workers} (sync workers) 'flask_baseline:create_app()'"
+               "--chdir", str(ROOT), "bench.flask_baseline:create_app()"]
+        desc = f"gunicorn -w {args.flask_workers} (sync workers) 'bench.flask_baseline:create_app()'"
     else:
-        cmd = [sys.executable, str(BENCH / "flask_baseline.py"), "--port", str(port)]
-        desc = "Flask dev server, threaded=True (bench/flask_baseline.py)"
+        cmd = [sys.executable, "-m", "bench.flask_baseline", "--port", str(port)]
+        desc = "Flask dev server, threaded=True (python -m bench.flask_baseline)"
     logp = work / "flask.log"
     out: dict = {"server": desc, "log": str(logp)}
     bodies, headers = multipart_bodies(photos)
@@ -755,9 +753,8 @@ def main() -> int:
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="infantino-bench-serve-"))
-    sys.path.insert(0, str(ROOT / "tests"))  # tests/conftest.draw_face, tests/serving.train_tiny_registry
     result: dict = {
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT), *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT), "-m", "bench.serve", *sys.argv[1:]]),
         "settings": {
             "quick": q, "duration_s": args.duration, "warmup_s": args.warmup, "clients": list(levels),
             "single_runs": args.single_runs, "batch_sizes": list(BATCH_SIZES), "batch_seconds": args.batch_seconds,
@@ -786,7 +783,7 @@ def main() -> int:
             sizes = [len(p) for p in photos]
             result["images"] = {"count": len(photos), "width": PHOTO_W, "height": PHOTO_H, "format": f"JPEG quality {JPEG_QUALITY}",
                                 "mean_kb": float(np.mean(sizes)) / 1024, "min_kb": min(sizes) / 1024, "max_kb": max(sizes) / 1024,
-                                "how": "tests/conftest.draw_face (96 px) resized to 300-420 px, pasted on a blurred noisy 640x480 background, sensor noise"}
+                                "how": "testkit.faces.draw_face (96 px) resized to 300-420 px, pasted on a blurred noisy 640x480 background, sensor noise"}
             overall.update()
 
             overall.set_postfix(step="raw")

@@ -1,6 +1,6 @@
 """Training and embedding-extraction throughput on this machine, and how cost grows.
 
-    .venv/bin/python bench/training_throughput.py      # ~3 minutes on 2 CPU cores
+    .venv/bin/python -m bench.training_throughput      # ~3 minutes on 2 CPU cores
 
 For each backbone and input size: images/s of a full training step (augmentation, forward,
 backward, AdamW) at batch 128, and of embedding extraction (inference) at batch 256. The cost
@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from common import RESULTS, write_result  # noqa: E402
-
-from infantino.images import Preprocessing  # noqa: E402
-from training.augment import train_transform  # noqa: E402
-from training.model import create_backbone, embed_images  # noqa: E402
+from backbones.inference import embed_images
+from backbones.model import create_backbone
+from bench.common import RESULTS, write_result
+from infantino.images import Preprocessing
+from training.augment import train_transform
 
 
 def train_rate(name: str, size: int, steps: int, batch: int = 128) -> float:
@@ -72,7 +68,7 @@ def main() -> None:
         rows.append({"backbone": name, "size": size, "train_img_per_s": tr, "embed_img_per_s": em,
                      "fer2013_epoch_s": 23138 / tr, "fer2013_embed_s": 25709 / em, "infant_466_epoch_s": 466 / tr})
         tqdm.write(str({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}))
-    path = write_result("training_throughput", {"command": "python bench/training_throughput.py " + " ".join(sys.argv[1:]),
+    path = write_result("training_throughput", {"command": "python -m bench.training_throughput " + " ".join(sys.argv[1:]),
                                                  "threads": torch.get_num_threads(), "rows": rows})
     import matplotlib
 

@@ -37,3 +37,13 @@ def test_reading_settings_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("INFANTINO_HOME", str(tmp_path / "not-yet"))
     assert Settings().storage.database_url.endswith("not-yet/feedback.db")
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_the_readme_table_is_the_settings_table():
+    """The README's configuration table is generated from the settings (`infantino settings`)."""
+    from infantino.settings import markdown_table
+    from testkit.server import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    table = readme.split("<!-- settings-table:start -->\n", 1)[1].split("\n<!-- settings-table:end -->", 1)[0]
+    assert table == markdown_table(), "README.md is out of date: paste the output of `infantino settings`"
