@@ -28,14 +28,22 @@ def for_inference(model: EmbeddingNet) -> EmbeddingNet:
 @torch.inference_mode()
 def embed_images(
     model: EmbeddingNet, x_uint8: np.ndarray, prep: Preprocessing, batch_size: int = 256,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: str | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: str | None = None, tta: str = "none",
 ) -> np.ndarray:
     """Embed uint8 (N, H, W, 3) images batch by batch; returns float32 numpy (N, 64).
 
     ``transform`` changes each normalised batch first (e.g. the lower-face occlusion of the
-    masked-face evaluation).
+    masked-face evaluation); ``tta`` averages each embedding over test-time views
+    (backbones.runtime.TTA_MODES), as the service does with INFANTINO_TTA.
     """
     from tqdm.auto import tqdm
+
+    if tta != "none":
+        from backbones.runtime import augmented_views
+
+        views = [embed_images(model, np.ascontiguousarray(v), prep, batch_size, transform, progress)
+                 for v in augmented_views(x_uint8, tta)]
+        return np.mean(views, axis=0)
 
     device = next(model.parameters()).device
     model.eval()

@@ -19,6 +19,11 @@ class BackboneError(RuntimeError):
     """The backbone cannot be built as asked (unknown name, weights unavailable...)."""
 
 
+def feature_width(features: nn.Module) -> int:
+    """What a timm model without classifier outputs: its pre-logits width where it has one (VGG), else num_features."""
+    return int(getattr(features, "head_hidden_size", None) or features.num_features)
+
+
 class EmbeddingNet(nn.Module):
     """timm features -> Linear -> BatchNorm -> 64-d embedding (+ a training-only classifier)."""
 
@@ -26,7 +31,7 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.features = features
         self.embed = nn.Sequential(
-            nn.Dropout(drop_rate), nn.Linear(features.num_features, embedding_dim), nn.BatchNorm1d(embedding_dim)
+            nn.Dropout(drop_rate), nn.Linear(feature_width(features), embedding_dim), nn.BatchNorm1d(embedding_dim)
         )
         self.classifier = nn.Linear(embedding_dim, n_classes)
 

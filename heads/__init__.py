@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
 
 
@@ -29,10 +30,23 @@ class Head(Protocol):
     def predict(self, X: np.ndarray) -> np.ndarray: ...
 
 
-HEADS: dict[str, type] = {"mlp": MLPHead}
+HEADS: dict[str, type] = {"feedback": FeedbackHead, "mlp": MLPHead}
+DEFAULT_HEAD = "feedback"
+
+# Which online setting (infantino.settings.OnlineSettings) sets which parameter of each head type.
+ONLINE_PARAMS: dict[type, dict[str, str]] = {
+    FeedbackHead: {"feedback_weight": "update_feedback_weight"},
+    MLPHead: {"online_learning_rate": "update_learning_rate", "online_passes": "update_passes"},
+}
 
 
-def create_head(kind: str = "mlp", **params) -> Head:
+def configure_online(head: Head, online_settings) -> Head:
+    """Set the head's online-learning parameters from the deployment's settings."""
+    mapping = ONLINE_PARAMS.get(type(head), {})
+    return head.set_params(**{param: getattr(online_settings, name) for param, name in mapping.items()}) if mapping else head
+
+
+def create_head(kind: str = DEFAULT_HEAD, **params) -> Head:
     """A new, unfitted head of ``kind`` (like ``timm.create_model`` for backbones)."""
     if kind not in HEADS:
         raise ValueError(f"unknown head type {kind!r}; accepted: {sorted(HEADS)}")

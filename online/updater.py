@@ -1,4 +1,9 @@
-"""The online updater: queued feedback -> partial_fit of the champion head -> gate -> new version.
+"""The online updater: queued feedback -> the lineage's root head taught all feedback -> gate -> new version.
+
+Each update teaches the offline-trained root head (``partial_fit``) every feedback item so far,
+not just the new ones on top of the last champion: no drift accumulates along a chain of
+updates, and the gate can judge the result on cross-fitted evidence from all feedback
+(online/gate.py).
 
 Triggers: at least ``update_min_items`` queued (default 32), or at least one item queued for
 ``update_interval_s`` (default 60 s), or on demand (``infantino update``, POST /admin/update).
@@ -20,6 +25,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +39,9 @@ from infantino.periodic import Periodic
 from infantino.settings import OnlineSettings
 from online.gate import evaluate_gate
 from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
+from heads import configure_online
 from store import FeedbackItem, FeedbackStore, Lease
+from store.schema import QUEUED, USED
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +57,7 @@ class UpdateReport:
     promoted: bool
     verdict: str
     new_items: int
-    held_out_items: int
-    replay_items: int
+    feedback_items: int  # all feedback the candidate was taught (and the gate's evidence)
     left_out_items: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
@@ -59,9 +66,13 @@ class UpdateReport:
         return asdict(self)
 
 
-def held_out(item_id: str, fraction: float) -> bool:
-    """A fixed, pseudo-random choice per item, the same in every process."""
-    return int(item_id[:8], 16) % 1000 < fraction * 1000
+def fold_of(item_id: str, folds: int) -> int:
+    """A fixed, pseudo-random fold per item, the same in every process and every update."""
+    return int(item_id[:8], 16) % folds
+
+
+def accuracy(head, data: EmbeddingSet) -> float:
+    return float(np.mean(head.predict(data.x) == data.y)) if len(data) else float("nan")
 
 
 class Updater:
@@ -71,6 +82,9 @@ class Updater:
         self.task = registry.task
         self.embed, self.on_report = embed, on_report
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        # The lease tells processes apart; this lock, the threads of one process (the background
+        # loop and POST /admin/update share one holder name, which the lease would let in twice).
+        self._one_at_a_time = threading.Lock()
         self.loop = Periodic(self.run_once, min(5.0, settings.update_interval_s), f"online-updater-{self.task}")
         self._embeddings: dict[str, tuple[EmbeddingSet, EmbeddingSet]] = {}
         self._roots: dict[str, LoadedHead] = {}
@@ -101,14 +115,19 @@ class Updater:
         if not force and not self.due():
             return None
         name = f"updater:{self.task}"
-        if not self.lease.try_acquire(name, self.holder, self.settings.lease_ttl_s):
+        if not self._one_at_a_time.acquire(blocking=False):
             return None
         try:
-            if self.feedback.depth(self.task) == 0:
+            if not self.lease.try_acquire(name, self.holder, self.settings.lease_ttl_s):
                 return None
-            report = self._update()
+            try:
+                if self.feedback.depth(self.task) == 0:
+                    return None
+                report = self._update()
+            finally:
+                self.lease.release(name, self.holder)
         finally:
-            self.lease.release(name, self.holder)
+            self._one_at_a_time.release()
         if self.on_report is not None:
             self.on_report(report)
         return report
@@ -161,63 +180,65 @@ class Updater:
         s = self.settings
         champion = self.registry.load_head(CHAMPION)
         classes = champion.classes
-        replay, validation = self._training_embeddings(champion)
+        _, validation = self._training_embeddings(champion)
         self.reembed(champion.backbone_version)
 
-        queued = self.feedback.queued(self.task, include_images=False)
-        usable = [i for i in queued if i.backbone_version == champion.backbone_version and i.label in classes and i.embedding is not None]
-        left_out = len(queued) - len(usable)
-        new_held = [i for i in usable if held_out(i.id, s.update_holdout_fraction)]
-        new_train = [i for i in usable if not held_out(i.id, s.update_holdout_fraction)]
+        # Every usable item of this backbone is taught to the root and is the gate's evidence.
+        items = self.feedback.items(self.task, include_images=False)
+        usable = [i for i in items if i.backbone_version == champion.backbone_version and i.label in classes and i.embedding is not None]
+        new = [i for i in usable if i.status == QUEUED]
+        left_out = sum(i.status == QUEUED for i in items) - len(new)
+        taught = self._as_set(usable, classes)
 
-        # Evidence never trained on: all held-out feedback so far for this backbone, new included.
-        older_held = [i for i in self.feedback.items(self.task, "held_out", include_images=False)
-                      if i.backbone_version == champion.backbone_version]
-        held = self._as_set(older_held + new_held, classes)
-        # Replay against forgetting: training embeddings and older feedback, `ratio` times the new items.
-        new_set = self._as_set(new_train, classes)
-        rng = np.random.default_rng(int(time.time()))
-        n_replay = int(round(s.update_replay_ratio * len(new_set)))
-        older_used = [i for i in self.feedback.items(self.task, "used", include_images=False)
-                      if i.backbone_version == champion.backbone_version]
-        older = self._as_set(older_used, classes).sample(n_replay // 2, seed=int(rng.integers(1 << 31)))
-        base = replay.sample(n_replay - len(older), seed=int(rng.integers(1 << 31)))
-        batch = EmbeddingSet.concat(new_set, older, base)
-
-        candidate = copy.deepcopy(champion.model)
-        candidate.set_params(online_learning_rate=s.update_learning_rate, online_passes=s.update_passes)
-        if len(batch):
-            candidate.partial_fit(batch.x, batch.y)
-        root = self._root(champion)
-        verdict = evaluate_gate(champion.model, candidate, validation.x, validation.y, held.x, held.y, s.gate_max_val_drop,
-                                s.gate_heldout_z, root=root.model)
-        version = self._register(candidate, champion, verdict, new_train, new_held, len(base) + len(older))
+        root = self._root(champion).model
+        candidate = self._taught(root, taught)
+        verdict = evaluate_gate(
+            accuracy(root, validation), accuracy(candidate, validation),
+            candidate_proba=self._crossfit(root, taught, [i.id for i in usable]),
+            root_proba=root.predict_proba(taught.x) if len(taught) else np.zeros((0, len(classes))), labels=taught.y,
+            max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha, min_items=s.gate_min_items,
+        )
+        version = self._register(candidate, champion, verdict, usable, new)
         promoted = verdict.passed
         self.registry.promote("head", version, CHAMPION if promoted else CHALLENGER)
         if not promoted:
             self.registry.client.set_model_version_tag(self.registry.names["head"], version, "gate_reason", verdict.summary)
-        self.feedback.mark([i.id for i in new_train], "used", used_by_version=version)
-        self.feedback.mark([i.id for i in new_held], "held_out", used_by_version=version)
-        report = UpdateReport(self.task, version, champion.version, promoted, verdict.summary, len(new_train), len(held),
-                              len(base) + len(older), left_out, time.time() - started, verdict.metrics)
+        self.feedback.mark([i.id for i in new], USED, used_by_version=version)
+        report = UpdateReport(self.task, version, champion.version, promoted, verdict.summary, len(new), len(usable),
+                              left_out, time.time() - started, verdict.metrics)
         log.info("online update: %s", report)
         return report
 
-    def _register(self, candidate, champion: LoadedHead, verdict, new_train, new_held, n_replay: int) -> str:
+    def _taught(self, root, data: EmbeddingSet):
+        """The root head taught ``data`` (the root itself is never changed)."""
+        head = configure_online(copy.deepcopy(root), self.settings)
+        return head.partial_fit(data.x, data.y) if len(data) else head
+
+    def _crossfit(self, root, data: EmbeddingSet, ids: list[str]) -> np.ndarray:
+        """Each item's probabilities by the root taught every *other* fold: evidence no model saw."""
+        folds = np.array([fold_of(i, self.settings.gate_folds) for i in ids], dtype=int)
+        out = np.zeros((len(data), len(root.classes_)))
+        for k in np.unique(folds):
+            rest = folds != k
+            out[~rest] = self._taught(root, EmbeddingSet(data.x[rest], data.y[rest])).predict_proba(data.x[~rest])
+        return out
+
+    def _register(self, candidate, champion: LoadedHead, verdict, taught: list[FeedbackItem], new: list[FeedbackItem]) -> str:
+        root = champion.tags.get("lineage_root") or champion.version
         tags = {
             "origin": "online_update", "parent_version": champion.version, "embeddings_run_id": champion.embeddings_run_id,
-            "lineage_root": champion.tags.get("lineage_root") or champion.version,
-            "gate": verdict.summary[:4000], "feedback_items": str(len(new_train)),
+            "lineage_root": root, "gate": verdict.summary[:4000], "feedback_items": str(len(taught)),
             "val_accuracy": f"{verdict.metrics['val_accuracy_candidate']:.4f}",
+            "feedback_accuracy_crossfit": f"{verdict.metrics['feedback_accuracy_candidate']:.4f}",
         }
         with self.registry.start_run(f"online-update-from-v{champion.version}", tags={"kind": "online_update"}):
-            mlflow.log_params({"parent_version": champion.version, "passes": self.settings.update_passes,
-                               "learning_rate": self.settings.update_learning_rate, "replay_items": n_replay,
-                               "new_items": len(new_train), "held_out_new": len(new_held)})
+            mlflow.log_params({"parent_version": champion.version, "lineage_root": root, "new_items": len(new),
+                               "feedback_items": len(taught),
+                               **{k: v for k, v in candidate.get_params(deep=False).items() if isinstance(v, (int, float, str))}})
             mlflow.log_metrics({k: v for k, v in verdict.metrics.items() if np.isfinite(v)})
             with tempfile.TemporaryDirectory() as tmp:
-                lineage = {"parent_version": champion.version, "trained_on": [i.id for i in new_train],
-                           "held_out": [i.id for i in new_held], "verdict": verdict.summary}
+                lineage = {"parent_version": champion.version, "lineage_root": root, "taught": [i.id for i in taught],
+                           "new": [i.id for i in new], "verdict": verdict.summary}
                 (Path(tmp) / "lineage.json").write_text(json.dumps(lineage))
                 mlflow.log_artifact(str(Path(tmp) / "lineage.json"))
             return self.registry.log_head(candidate, champion.classes, champion.backbone_version, tags)

@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 
 from heads import trusted_types
+from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 from infantino.images import Preprocessing
@@ -59,26 +60,50 @@ def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, comman
     return out_dir
 
 
-def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> tuple[str, str]:
-    """Register the shipped backbone + head as champion; returns their versions."""
+def shipped_meta(model_dir: Path = DEFAULT_DIR) -> dict:
+    """model.json: label set, preprocessing, metrics, data fingerprint, the commands that trained it."""
+    return json.loads((model_dir / "model.json").read_text())
+
+
+def shipped_head(model_dir: Path = DEFAULT_DIR):
+    """The shipped head (a heads.Head)."""
     import skops.io
-    import torch
+
+    from sklearn.neural_network import MLPClassifier
+
+    head = skops.io.load(model_dir / "head.skops", trusted=trusted_types())
+    if isinstance(head, MLPClassifier):  # a head exported before heads/ existed
+        head = MLPHead.from_mlp(head)
+    return head
+
+
+def shipped_backbone(model_dir: Path = DEFAULT_DIR):
+    """The shipped backbone network (torch, float32, eval mode), built from its safetensors weights."""
     from safetensors.torch import load_file
 
     from backbones.model import create_backbone
 
-    meta = json.loads((model_dir / "model.json").read_text())
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    model = create_backbone(meta["backbone"], len(meta["classes"]), embedding_dim=meta["embedding_dim"])
+    meta = shipped_meta(model_dir)
+    model = create_backbone(meta["backbone"], len(meta["classes"]), embedding_dim=meta["embedding_dim"],
+                            **meta.get("backbone_args", {}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(model_dir / "backbone.safetensors")).items()}
     model.load_state_dict(state)
-    model.eval()
-    head = skops.io.load(model_dir / "head.skops", trusted=trusted_types())
-    if not isinstance(head, MLPHead):  # a head exported before heads/ existed: a bare MLPClassifier
-        head = MLPHead.from_mlp(head)
+    return model.eval()
+
+
+def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> tuple[str, str]:
+    """Register the shipped backbone + head as champion; returns their versions."""
+    import torch
+
+    meta = shipped_meta(model_dir)
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    model = shipped_backbone(model_dir)
     with np.load(model_dir / "embeddings.npz") as npz:
         replay = EmbeddingSet(npz["replay_x"].astype(np.float32), npz["replay_y"])
         validation = EmbeddingSet(npz["val_x"].astype(np.float32), npz["val_y"])
+    head = shipped_head(model_dir)
+    if not isinstance(head, FeedbackHead):  # a bare offline head: give it the memory online learning needs
+        head = FeedbackHead.around(head, replay)
     tags = {"data_fingerprint": meta.get("data_fingerprint") or "", "data": meta.get("data") or "",
             "backbone_name": meta["backbone"], "origin": "shipped", "parent_version": "",
             "val_accuracy": f"{meta.get('metrics', {}).get('val_accuracy', float('nan')):.4f}"}

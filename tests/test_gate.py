@@ -1,41 +1,64 @@
-"""The evaluation gate on hand-made predictions: what passes and what is rejected, and why."""
+"""The evaluation gate on hand-made outcomes: what passes and what is rejected, and why."""
 
 import numpy as np
 
 from online.gate import evaluate_gate
 
 
-class Fixed:
-    """A 'model' that answers fixed predictions (the gate only calls predict)."""
+def evidence(n: int, candidate_p: float, root_p: float, candidate_right: float = 0.6, root_right: float = 0.6, seed: int = 0):
+    """N items of 3 classes (label 0): each model gives the label about ``*_p`` probability and is
+    right (label on top) on the given share of items."""
+    rng = np.random.default_rng(seed)
 
-    def __init__(self, answers):
-        self.answers = np.asarray(answers)
+    def proba(p_label: float, right: float):
+        out = np.zeros((n, 3))
+        top = rng.random(n) < right
+        jitter = np.clip(p_label + rng.normal(0, 0.05, n), 0.02, 0.98)
+        out[:, 0] = np.where(top, np.maximum(jitter, 0.5), np.minimum(jitter, 0.3))
+        out[:, 1] = np.where(top, (1 - out[:, 0]) * 0.6, 1 - out[:, 0] - 0.05)
+        out[:, 2] = 1 - out[:, 0] - out[:, 1]
+        return out
 
-    def predict(self, x):
-        return self.answers[np.asarray(x, dtype=int).ravel()]
-
-
-def idx(n):
-    return np.arange(n)[:, None]
-
-
-def test_validation_drop_within_allowance_passes_and_beyond_is_rejected():
-    y = np.zeros(100, int)
-    champion = Fixed(np.zeros(100, int))
-    one_wrong = Fixed(np.r_[np.ones(1, int), np.zeros(99, int)])
-    two_wrong = Fixed(np.r_[np.ones(2, int), np.zeros(98, int)])
-    assert evaluate_gate(champion, one_wrong, idx(100), y, idx(0), y[:0], max_val_drop=0.01).passed
-    verdict = evaluate_gate(champion, two_wrong, idx(100), y, idx(0), y[:0], max_val_drop=0.01)
-    assert not verdict.passed and "validation accuracy fell 2.00 points" in verdict.summary
+    return proba(candidate_p, candidate_right), proba(root_p, root_right), np.zeros(n, int)
 
 
-def test_heldout_needs_evidence_of_being_worse():
-    y = np.zeros(40, int)
-    champion = Fixed(np.zeros(40, int))
-    loses_one = Fixed(np.r_[np.ones(1, int), np.zeros(39, int)])  # 1 lost, 0 won: within one standard error
-    loses_ten = Fixed(np.r_[np.ones(10, int), np.zeros(30, int)])
-    val = (idx(40), y)
-    assert evaluate_gate(champion, loses_one, *val, idx(40), y, max_val_drop=1.0).passed
-    assert not evaluate_gate(champion, loses_one, *val, idx(40), y, max_val_drop=1.0, z=0).passed  # the literal rule
-    verdict = evaluate_gate(champion, loses_ten, *val, idx(40), y, max_val_drop=1.0)
-    assert not verdict.passed and "lost 10, won 0" in verdict.summary
+def test_a_real_gain_without_forgetting_passes():
+    cand, root, y = evidence(120, 0.6, 0.4, candidate_right=0.7, root_right=0.5)
+    verdict = evaluate_gate(0.60, 0.595, cand, root, y)
+    assert verdict.passed, verdict.summary
+    assert verdict.metrics["feedback_p_value"] < 0.001 and verdict.metrics["feedback_won"] > verdict.metrics["feedback_lost"]
+
+
+def test_forgetting_beyond_the_allowance_is_rejected_whatever_the_gain():
+    cand, root, y = evidence(120, 0.6, 0.4, candidate_right=0.7, root_right=0.5)
+    verdict = evaluate_gate(0.60, 0.585, cand, root, y, max_val_drop=0.01)
+    assert not verdict.passed and "validation accuracy fell 1.50 points" in verdict.summary
+    assert evaluate_gate(0.60, 0.59, cand, root, y, max_val_drop=0.01).passed  # exactly the allowance
+
+
+def rows(p_label: float, right: np.ndarray) -> np.ndarray:
+    """3-class probabilities with ``p_label`` on the label (class 0): on top where ``right``, second otherwise."""
+    other = np.where(right, (1 - p_label) / 2, 1 - p_label - 0.01)
+    return np.stack([np.full(len(right), p_label), other, 1 - p_label - other], 1)
+
+
+def test_a_tie_or_too_little_evidence_is_not_a_gain():
+    cand, root, y = evidence(200, 0.5, 0.5, seed=1)
+    assert not evaluate_gate(0.6, 0.6, cand, cand, y).passed  # identical answers: a tie
+    half = np.arange(200) < 100  # each better on half the items, by the same margin: a tie
+    swapped = evaluate_gate(0.6, 0.6, np.where(half[:, None], cand, root), np.where(half[:, None], root, cand), y)
+    assert not swapped.passed and "no evidence of a gain" in swapped.summary
+    few = evaluate_gate(0.6, 0.6, *evidence(3, 0.6, 0.4, candidate_right=0.7, root_right=0.5))
+    assert not few.passed and "too little evidence: 3" in few.summary
+    assert not evaluate_gate(0.6, 0.6, np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, int)).passed  # no feedback
+
+
+def test_better_calibrated_but_answering_worse_is_rejected():
+    n = 100
+    root_right = np.arange(n) < 60
+    cand_right = np.arange(n) < 50
+    root = np.where(root_right[:, None], rows(0.9, root_right), rows(0.01, root_right))  # sure, and badly wrong 40 times
+    cand = np.where(cand_right[:, None], rows(0.5, cand_right), rows(0.4, cand_right))  # cautious, wrong 50 times
+    verdict = evaluate_gate(0.60, 0.60, cand, root, np.zeros(n, int))
+    assert verdict.metrics["feedback_p_value"] < 0.05  # its probabilities are better...
+    assert not verdict.passed and "answers worse" in verdict.summary and "won 0 and lost 10" in verdict.summary

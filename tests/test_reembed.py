@@ -44,4 +44,4 @@ def test_feedback_is_reembedded_when_the_backbone_changes(tmp_path):
         np.testing.assert_allclose(item.embedding, embed_images(new.model, x, new.preprocessing)[0], atol=1e-5)
     # The item without an image stays on the old backbone and is left out of the update.
     assert [i.backbone_version for i in stored.values() if not i.image] == ["1"]
-    assert report.left_out_items == 1 and report.new_items + report.held_out_items == len(items)
+    assert report.left_out_items == 1 and report.new_items == report.feedback_items == len(items)
