@@ -59,6 +59,8 @@ class ModelSettings(_Group):
     model_poll_s: float = Field(1.0, description="how often every worker checks the champion alias")
     backbone_runtime: str = Field("auto", pattern="^(auto|torch|onnxruntime)$",
                                   description="`auto` (ONNX Runtime on CPU, torch on a GPU), `torch` or `onnxruntime`")
+    tta: str = Field("none", pattern="^(none|flip|flip\\+shift)$",
+                     description="test-time augmentation: each embedding the mean over `flip` (2 views) or `flip+shift` (10 views); see bench/tta.py for its gain and cost")
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -108,12 +110,13 @@ class OnlineSettings(_Group):
 
     update_min_items: int = Field(32, ge=1, description="queued feedback items that trigger an update")
     update_interval_s: float = Field(60.0, gt=0, description="an update also runs when one item has waited this long")
-    update_replay_ratio: float = Field(4.0, ge=0, description="replayed items (training embeddings and older feedback) per new item")
-    update_learning_rate: float = Field(3e-4, gt=0, description="step size of the online partial_fit (chosen by bench/online_tuning.py)")
-    update_passes: int = Field(5, ge=1, description="passes over the mixed batch per update")
-    update_holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of feedback held out as the gate's evidence")
+    update_feedback_weight: float = Field(5.0, gt=0, description="feedback head: weight of a feedback item against a replayed training item (chosen by bench/online_tuning.py)")
+    update_learning_rate: float = Field(3e-4, gt=0, description="mlp head: step size of the online partial_fit")
+    update_passes: int = Field(5, ge=1, description="mlp head: passes over the new items per update")
     gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")
-    gate_heldout_z: float = Field(1.0, ge=0, description="held-out rule: reject when net items lost exceed z standard errors (0: any net loss)")
+    gate_alpha: float = Field(0.05, gt=0, le=1, description="the gate promotes only when a one-sided test on cross-fitted feedback finds a gain at this level")
+    gate_folds: int = Field(5, ge=2, description="folds of the gate's cross-fitting over all feedback")
+    gate_min_items: int = Field(20, ge=2, description="feedback items the gate needs before it can promote anything")
     lease_ttl_s: float = Field(120.0, gt=0, description="how long an update lease lasts without renewal")
 
 
@@ -179,9 +182,56 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+_USERINFO = re.compile(r"//[^/@\s]*@")
+_SECRET_PARAMS = re.compile(r"\b(password|passwd|pwd|token|access_token|secret)=[^&\s'\"]*", re.IGNORECASE)
+
+
 def redact(url: object) -> str:
-    """A URL fit for logs, errors and answers: any user:password@ part replaced by ***@."""
-    return re.sub(r"//[^/@\s]*@", "//***@", str(url))
+    """A URL (or any text naming URLs) fit for logs, errors and answers: any user:password@ part
+    replaced by ***@, and password=/token= query parameters by ***."""
+    return _SECRET_PARAMS.sub(r"\1=***", _USERINFO.sub("//***@", str(url)))
+
+
+def has_secret(url: object) -> bool:
+    """Whether ``url`` carries credentials that :func:`redact` would hide."""
+    return redact(url) != str(url)
+
+
+_logs_protected = False
+
+
+def protect_logs() -> None:
+    """From now on, every log record of this process is redacted (message and traceback).
+
+    Called by whoever opens a URL with credentials (the registry, the database): libraries log
+    and raise with the URLs they were given (MLflow's request errors name the tracking URI).
+    Idempotent; a process that never opens such a URL pays nothing.
+    """
+    global _logs_protected
+    if _logs_protected:
+        return
+    import logging
+    import traceback
+
+    make = logging.getLogRecordFactory()
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's to report, as it was
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")  # as logging.Formatter writes it
+            if has_secret(text):
+                record.exc_text = redact(text)
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
+    _logs_protected = True
 
 
 @lru_cache

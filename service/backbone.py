@@ -17,7 +17,7 @@ import threading
 import bentoml
 import numpy as np
 
-from backbones.runtime import Runner, create_runner
+from backbones.runtime import Runner, create_runner, with_tta
 from infantino import EMBEDDING_DIM
 from infantino.images import fit_input
 from infantino.settings import get_settings
@@ -69,8 +69,8 @@ class ServedBackbone(ChampionFollower):
 
                 loaded = self.source.load_backbone(wanted)
                 loaded.model = for_inference(loaded.model.to(self.device))
-                run = create_runner(loaded.preprocessing, SETTINGS.models.backbone_runtime, model=loaded.model,
-                                    threads=SETTINGS.serving.torch_threads)
+                run = with_tta(create_runner(loaded.preprocessing, SETTINGS.models.backbone_runtime, model=loaded.model,
+                                             threads=SETTINGS.serving.torch_threads), SETTINGS.models.tta)
                 self.current = (loaded, run)  # one swap: in-flight batches keep the old
                 log.info("%s: serving backbone v%s on %s", self.task, loaded.version, SETTINGS.models.backbone_runtime)
             self.head_version = head_version

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from infantino.settings import redact
+from infantino.settings import has_secret, protect_logs, redact
 from store.schema import define_tables
 
 _SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -58,6 +58,8 @@ class Database:
     def __init__(self, url: str, *, table_prefix: str = "", schema: str | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]*", table_prefix):
             raise ValueError(f"table_prefix must be letters, digits and '_', got {table_prefix!r}")
+        if has_secret(url):
+            protect_logs()  # driver errors and tracebacks may quote the URL
         self.url = sa.make_url(url)
         self.sqlite = self.url.get_backend_name() == "sqlite"
         self.postgres = self.url.get_backend_name() == "postgresql"

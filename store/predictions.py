@@ -76,6 +76,44 @@ class PredictionLog:
         with self.db.tx() as conn:
             return conn.execute(sa.select(self.t.c.task).where(self.t.c.prediction_id == prediction_id)).scalar()
 
+    def least_sure(self, task: str, *, limit: int = 24, since: float | None = None, order: str = "margin") -> list[dict]:
+        """The predictions of ``task`` the model was least sure of that no feedback names yet: for
+        a person to label first (active learning).
+
+        Smallest ``margin`` (top minus second probability) or ``confidence`` first, the most
+        recent first among equals; only those made at or after ``since`` (epoch seconds) when
+        given. Rows carry ``prediction_id, task, label, confidence, margin, backbone_version,
+        head_version, created, has_image``: no embedding or image bytes (see :meth:`images`).
+        """
+        if order not in ("margin", "confidence"):
+            raise ValueError(f"order must be 'margin' or 'confidence'; got {order!r}")
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        t, f = self.t, self.db.tables.feedback
+        key = t.c[order]
+        labelled = sa.exists().where(f.c.prediction_id == t.c.prediction_id)
+        q = (sa.select(t.c.prediction_id, t.c.task, t.c.label, t.c.confidence, t.c.margin, t.c.backbone_version,
+                       t.c.head_version, t.c.created, t.c.image.is_not(None).label("has_image"))
+             .where(t.c.task == task, key.is_not(None), ~labelled)
+             .order_by(key.asc(), t.c.created.desc(), t.c.prediction_id).limit(limit))
+        if since is not None:
+            q = q.where(t.c.created >= since)
+        with self.db.tx() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for row in rows:
+            row["created"], row["has_image"] = float(row["created"]), bool(row["has_image"])
+        return rows
+
+    def images(self, prediction_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored image of each of ``prediction_ids`` that has one (missing ids are left out)."""
+        ids = list(dict.fromkeys(prediction_ids))
+        if not ids:
+            return {}
+        with self.db.tx() as conn:
+            rows = conn.execute(sa.select(self.t.c.prediction_id, self.t.c.image)
+                                .where(self.t.c.prediction_id.in_(ids), self.t.c.image.is_not(None))).all()
+        return {pid: bytes(image) for pid, image in rows}
+
     def prune(self, older_than_s: float) -> int:
         """Delete predictions recorded more than ``older_than_s`` seconds ago; return how many."""
         with self.db.tx(write=True, durable=False) as conn:

@@ -2,15 +2,21 @@
 
 load -> stratified split -> train backbone -> embed -> fit head -> evaluate -> register
 (both models, with metrics, confusion matrix, tags) -> promote to champion.
+
+Under torchrun (``torchrun --nproc_per_node N infantino train ...``) every process runs this:
+they train one model together (training/distributed.py), each embeds its slice of the training
+and validation images, and rank 0 alone fits the head, evaluates, logs to MLflow and registers,
+so the result is one registered pair, as from the single-process command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +31,7 @@ from heads import create_head
 from infantino.embeddings import EmbeddingSet
 from training.augment import occlude_lower_face
 from training.data import LabelledImages, load_dataset, stratified_split
+from training import distributed
 from training.evaluate import classification_metrics, save_confusion_matrix
 from training.trainer import TrainConfig, train_backbone
 
@@ -41,24 +48,33 @@ class TrainResult:
     skipped: int
 
 
-def evaluate_pair(backbone, head, data: LabelledImages, prep, classes: list[str], prefix: str = "val_") -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of backbone+head on ``data``, on clear and on lower-face-occluded images."""
-    emb = embed_images(backbone, data.x, prep, progress="embedding (evaluation)")
-    probs = head.predict_proba(emb)
-    metrics = classification_metrics(probs, data.y, classes, prefix)
-    occluded = head.predict_proba(embed_images(backbone, data.x, prep, transform=occlude_lower_face))
-    metrics[f"{prefix}occluded_accuracy"] = float(np.mean(occluded.argmax(1) == data.y))
+def evaluate_pair(backbone, head, data: LabelledImages, prep, classes: list[str], prefix: str = "val_",
+                  tta: str = "none") -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of backbone+head on ``data``, on clear and on lower-face-occluded images (``tta``: test-time views)."""
+    emb = embed_images(backbone, data.x, prep, progress="embedding (evaluation)", tta=tta)
+    occluded = embed_images(backbone, data.x, prep, transform=occlude_lower_face, tta=tta)
+    metrics, probs = score_pair(head, emb, occluded, data.y, classes, prefix)
     return metrics, probs, emb
 
 
-def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig):
+def score_pair(head, emb: np.ndarray, occluded_emb: np.ndarray, y: np.ndarray, classes: list[str],
+               prefix: str = "val_") -> tuple[dict, np.ndarray]:
+    """evaluate_pair's metrics from embeddings already made (of the clear and the occluded images)."""
+    probs = head.predict_proba(emb)
+    metrics = classification_metrics(probs, y, classes, prefix)
+    occluded = head.predict_proba(occluded_emb)
+    metrics[f"{prefix}occluded_accuracy"] = float(np.mean(occluded.argmax(1) == y))
+    return metrics, probs
+
+
+def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig, say=print):
     loaded = registry.load_backbone(version_or_alias)
     if loaded.preprocessing != cfg.preprocessing or loaded.tags.get("backbone_name") not in (None, cfg.backbone):
         raise BackboneError(
             f"--init-from {version_or_alias}: that backbone is {loaded.tags.get('backbone_name')} with {loaded.preprocessing}; "
             f"this run asks for {cfg.backbone} with {cfg.preprocessing}. Use the same --backbone, --image-size and colour mode."
         )
-    print(f"starting from {registry.names['backbone']} v{loaded.version} ({version_or_alias})", flush=True)
+    say(f"starting from {registry.names['backbone']} v{loaded.version} ({version_or_alias})", flush=True)
     return loaded.model.train()
 
 
@@ -75,29 +91,50 @@ def train_and_register(
     init_from: str | None = None,
 ) -> TrainResult:
     """``init_from`` (a backbone version or alias, e.g. ``champion``) continues training a registered
-    backbone under a fresh schedule instead of starting from scratch or from timm's weights."""
+    backbone under a fresh schedule instead of starting from scratch or from timm's weights.
+
+    Under torchrun every process calls this with its own ``registry`` object (only rank 0 uses it
+    to write) and every process gets rank 0's result back.
+    """
+    with distributed.session(cfg.device) as d:
+        return _train_and_register(d, data_path, cfg, registry, classes, limit, out_dir, resume, promote, crop_faces, init_from)
+
+
+def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, registry: ModelRegistry, classes, limit, out_dir,
+                        resume: bool, promote: bool, crop_faces, init_from) -> TrainResult:
     started = time.time()
-    initial = _initial_backbone(registry, init_from, cfg) if init_from else None
+    say = print if d.is_main else (lambda *a, **k: None)
+    if d.enabled and d.is_main:
+        say(f"distributed training: {d.world_size} processes ({'nccl' if distributed.device_for(cfg.device, d).type == 'cuda' else 'gloo'})", flush=True)
+    initial = _initial_backbone(registry, init_from, cfg, say) if init_from else None
     data = load_dataset(data_path, cfg.image_size, cfg.grayscale, classes, limit=limit, seed=cfg.seed, crop_faces=crop_faces,
                         face_margin=cfg.face_margin)
-    print(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
-          f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
+    say(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
+        f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
     train, val = stratified_split(data, cfg.val_fraction, cfg.seed)
     out_dir = Path(out_dir or registry.settings.storage.home / "runs" / f"{registry.task}-{cfg.backbone}")
-    parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
+    if d.is_main:
+        parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
 
-    with registry.start_run(f"train-{cfg.backbone}", tags={"kind": "train"}) as run:
-        mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val),
-                           "crop_faces": crop_faces or "none"})
-        mlflow.log_metric("skipped_images", data.skipped)
+    # Rank 0 runs the MLflow run and registers; the other processes train and embed with it.
+    with registry.start_run(f"train-{cfg.backbone}", tags={"kind": "train"}) if d.is_main else contextlib.nullcontext() as run:
+        if d.is_main:
+            mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val),
+                               "crop_faces": crop_faces or "none", **({"world_size": d.world_size} if d.enabled else {})})
+            mlflow.log_metric("skipped_images", data.skipped)
         backbone = train_backbone(
             cfg, train, val, out_dir, resume=resume, initial=initial,
-            on_epoch=lambda epoch, m: mlflow.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch),
+            on_epoch=(lambda epoch, m: mlflow.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch)) if d.is_main else None,
         )
         prep = cfg.preprocessing
-        train_emb = embed_images(backbone, train.x, prep, progress="embedding (train)")
-        head = create_head("mlp", random_state=cfg.seed).fit(train_emb, train.y, classes=np.arange(len(data.classes)))
-        metrics, probs, val_emb = evaluate_pair(backbone, head, val, prep, data.classes)
+        # Each process embeds its slice (all of it when alone); every process gets every row.
+        train_emb = distributed.embed_sharded(backbone, train.x, prep, progress="embedding (train)")
+        val_emb = distributed.embed_sharded(backbone, val.x, prep, progress="embedding (evaluation)")
+        val_occluded = distributed.embed_sharded(backbone, val.x, prep, transform=occlude_lower_face)
+        if not d.is_main:
+            return TrainResult(**distributed.broadcast_object(None))
+        head = create_head(random_state=cfg.seed).fit(train_emb, train.y, classes=np.arange(len(data.classes)))
+        metrics, probs = score_pair(head, val_emb, val_occluded, val.y, data.classes)
         metrics["train_seconds"] = time.time() - started
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -120,4 +157,4 @@ def train_and_register(
     print(f"registered {registry.names['backbone']} v{bv} and {registry.names['head']} v{hv}"
           f"{' as champion' if promote else ''}: val_accuracy={metrics['val_accuracy']:.4f} "
           f"macro_f1={metrics['val_macro_f1']:.4f} ece={metrics['val_ece']:.4f} occluded={metrics['val_occluded_accuracy']:.4f}", flush=True)
-    return TrainResult(bv, hv, metrics, run.info.run_id, data.skipped)
+    return TrainResult(**distributed.broadcast_object(asdict(TrainResult(bv, hv, metrics, run.info.run_id, data.skipped))))

@@ -6,6 +6,12 @@ sampling (or loss weights) for the long tail, flip/rotation/colour/erasing/lower
 augmentation, mixup and cutmix, and an optional two-stage schedule (frozen backbone first,
 then unfrozen at a lower rate). Seeds are fixed; a checkpoint is written every epoch, so an
 interrupted run continues with ``resume``. bench/recipes.py compares recipes by measurement.
+
+Under torchrun (an initialised process group, see training/distributed.py) the same loop runs
+in every process with DistributedDataParallel: each process takes its part of every epoch
+(the class-balanced sampler becomes a distributed weighted sampler), ``batch_size`` stays the
+global batch, the epoch's metrics are summed over the processes, and only rank 0 writes the
+checkpoint. Alone, nothing of that applies and the run is what it always was.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from backbones.inference import pick_device
 from backbones.model import EmbeddingNet, create_backbone
 from infantino.images import PRECROPPED_FACE_MARGIN, Preprocessing, normalise
+from training import distributed
 from training.augment import train_transform
 from training.data import LabelledImages
 
@@ -110,11 +116,16 @@ def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torc
 
 @torch.inference_mode()
 def accuracy(model: EmbeddingNet, data: LabelledImages, prep: Preprocessing, device, batch_size: int = 512) -> float:
+    """Top-1 accuracy of the training classifier; under torchrun each process scores its slice and the counts are summed."""
     model.eval()
     correct = 0
-    for s in range(0, len(data), batch_size):
-        xb = torch.from_numpy(normalise(data.x[s : s + batch_size], prep)).to(device)
-        correct += (model.logits(xb).argmax(1).cpu().numpy() == data.y[s : s + batch_size]).sum()
+    start, stop = distributed.shard(len(data))
+    for s in range(start, stop, batch_size):
+        e = min(s + batch_size, stop)
+        xb = torch.from_numpy(normalise(data.x[s:e], prep)).to(device)
+        correct += (model.logits(xb).argmax(1).cpu().numpy() == data.y[s:e]).sum()
+    if distributed.current().enabled:
+        correct = distributed.all_sum([correct])[0]
     return float(correct) / max(len(data), 1)
 
 
@@ -148,15 +159,20 @@ def train_backbone(
     on_epoch: Callable[[int, dict], None] | None = None,
     initial: EmbeddingNet | None = None,
 ) -> EmbeddingNet:
-    """Train an EmbeddingNet (a new one, or fine-tune ``initial``); returns it in eval mode on the CPU."""
+    """Train an EmbeddingNet (a new one, or fine-tune ``initial``); returns it in eval mode on the CPU.
+
+    Under torchrun every process calls this and gets the same model back; ``on_epoch`` is called
+    in every process with the metrics of the whole epoch (summed over the processes).
+    """
     from timm.data import Mixup
 
+    d = distributed.current()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + d.rank)  # augmentation and mixing differ per process; the data order is shared (order_rng)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = distributed.device_for(cfg.device, d)
     n_classes = len(train.classes)
     prep = cfg.preprocessing
     model = initial if initial is not None else create_backbone(
@@ -165,18 +181,27 @@ def train_backbone(
     )
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
+    distributed.broadcast_state(model)  # every process starts from rank 0's weights (alone: nothing to do)
 
     counts = train.class_counts()
     weights = class_weights(counts)
     sampler = None
     order_rng = torch.Generator().manual_seed(cfg.seed)  # one generator, checkpointed, so resume continues the order
-    if cfg.balance == "sampler":
+    dataset = _AugmentedImages(train, train_transform(prep, cfg.occlusion_p, cfg.erasing_p))
+    batch_size = min(cfg.batch_size, len(train) - len(train) % 2) or 2
+    if d.enabled:
+        # Each process takes its part of every epoch; the global batch is split evenly (BatchNorm needs 2 a process).
+        batch_size = max(batch_size // d.world_size, 2)
+        if cfg.balance == "sampler":
+            sampler = distributed.DistributedWeightedSampler(weights[train.y], len(train), d.rank, d.world_size, order_rng)
+        else:
+            sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    elif cfg.balance == "sampler":
         item_w = weights[train.y]
         sampler = WeightedRandomSampler(torch.as_tensor(item_w, dtype=torch.double), len(train), generator=order_rng)
     loss_weight = torch.as_tensor(weights, dtype=torch.float32, device=device) if cfg.balance == "loss" else None
-    batch_size = min(cfg.batch_size, len(train) - len(train) % 2) or 2
     loader = DataLoader(
-        _AugmentedImages(train, train_transform(prep, cfg.occlusion_p, cfg.erasing_p)),
+        dataset,
         batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
         generator=order_rng,
     )
@@ -215,27 +240,43 @@ def train_backbone(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         np.random.set_state(state["numpy_rng"])
         if "order_rng" in state:
-            order_rng.set_state(state["order_rng"])
+            order_rng.set_state(state["order_rng"].cpu())
         if plateau is not None and "plateau" in state:
             plateau.__dict__.update(state["plateau"])
         start_epoch = state["epoch"] + 1
+        if d.enabled:  # each process continues its own random streams (rank 0's are the ones above)
+            rank_rngs = state.get("rank_rngs") or []
+            if len(rank_rngs) == d.world_size:
+                torch.set_rng_state(rank_rngs[d.rank][0].cpu())
+                np.random.set_state(rank_rngs[d.rank][1])
+            elif d.rank:  # written by another number of processes: fresh streams, still distinct per rank
+                seed_everything(cfg.seed + d.rank + 1000 * start_epoch)
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 
+    ddp, ddp_frozen = None, None  # under torchrun: the DDP module over what trains in this stage
     for epoch in range(start_epoch, cfg.epochs):
         if plateau is not None and plateau.finished:
-            print(f"stopping after epoch {epoch}: the learning rate reached its floor and accuracy stopped rising", flush=True)
+            if d.is_main:
+                print(f"stopping after epoch {epoch}: the learning rate reached its floor and accuracy stopped rising", flush=True)
             break
         frozen = epoch < cfg.freeze_epochs
         for p in feature_params:
             p.requires_grad_(not frozen)
+        if d.enabled:
+            if ddp is None or ddp_frozen != frozen:
+                ddp, ddp_frozen = None, frozen  # drop the old reducer (and its hooks) before making the new one
+                ddp = distributed.wrap_ddp(model, device)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
         model.train()
         if frozen:
             model.features.eval()  # keep BatchNorm statistics of the frozen part
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" (frozen)" if frozen else ""), unit="batch")
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" (frozen)" if frozen else ""), unit="batch",
+                   disable=not d.is_main)
         for xb, yb in bar:
             xb, yb = xb.to(device, memory_format=torch.channels_last), yb.to(device)
             if mixer is not None:
@@ -243,7 +284,7 @@ def train_backbone(
             else:
                 target = torch.full((len(yb), n_classes), cfg.label_smoothing / n_classes, device=device)
                 target.scatter_(1, yb[:, None], 1 - cfg.label_smoothing + cfg.label_smoothing / n_classes)
-            loss = _soft_cross_entropy(model.logits(xb), target, loss_weight)
+            loss = _soft_cross_entropy(ddp(xb) if ddp is not None else model.logits(xb), target, loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -252,19 +293,25 @@ def train_backbone(
             running += loss.item() * len(yb)
             seen += len(yb)
             bar.set_postfix(loss=f"{running / seen:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+        if d.enabled:
+            distributed.broadcast_state(model, buffers_only=True)  # one model in every process, also its BatchNorm statistics
+            running, seen = distributed.all_sum([running, seen])
         metrics = {"train_loss": running / max(seen, 1), "val_accuracy": accuracy(model, val, prep, device),
                    "lr": scheduler.get_last_lr()[-1]}
         if plateau is not None:
             plateau.step(metrics["val_accuracy"])
-        log.info("epoch %d: %s", epoch + 1, metrics)
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train_loss={metrics['train_loss']:.4f} val_accuracy={metrics['val_accuracy']:.4f}", flush=True)
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-             "order_rng": order_rng.get_state(), "config": cfg.to_params(),
-             "plateau": plateau.__dict__ if plateau is not None else None},
-            ckpt_path,
-        )
+        if d.is_main:
+            log.info("epoch %d: %s", epoch + 1, metrics)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train_loss={metrics['train_loss']:.4f} val_accuracy={metrics['val_accuracy']:.4f}", flush=True)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                 "order_rng": order_rng.get_state(), "config": cfg.to_params(),
+                 "plateau": plateau.__dict__ if plateau is not None else None}
+        if d.enabled:  # rank 0's state, plus every process's random streams
+            state.update(world_size=d.world_size,
+                         rank_rngs=distributed.all_gather_object((torch.get_rng_state(), np.random.get_state())))
+        if d.is_main:
+            torch.save(state, ckpt_path)
         if on_epoch:
             on_epoch(epoch, metrics)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
