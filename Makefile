@@ -1,12 +1,14 @@
 # The two commands a newcomer needs (see README):
 #   make serve   set up everything, register the shipped model if needed, serve on :3000
+#                (plain `bentoml serve` registers it too when the registry is empty; bootstrap
+#                 first just fails early and clearly when the registry cannot be reached)
 #   make test    set up everything and run the test suite
 VENV ?= .venv
 PYTHON ?= python3
 PORT ?= 3000
 BIN = $(VENV)/bin
 
-.PHONY: setup serve test build clean
+.PHONY: setup serve test build build-gpu clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,10 +24,16 @@ serve: setup
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
+# The Bento without torch (backbone on ONNX Runtime; tests/test_bento.py checks it); build-gpu: with torch.
 build: setup
 	$(BIN)/infantino bootstrap
 	$(BIN)/infantino bundle
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/bentoml build
+
+build-gpu: setup
+	$(BIN)/infantino bootstrap
+	$(BIN)/infantino bundle
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/bentoml build -f bentofile.gpu.yaml
 
 clean:
 	rm -rf $(VENV) .infantino

@@ -8,6 +8,7 @@ carries the backbone as ONNX only, so this module imports torch only when asked 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 from typing import Callable
@@ -21,12 +22,20 @@ Runner = Callable[[np.ndarray], np.ndarray]
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here, found without importing it (a Bento built for CPUs has none)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # blocked, or a half-imported module
+        return False
+
+
 def export_onnx(model, input_size: int) -> bytes:
     """The torch backbone as ONNX bytes, with a dynamic batch dimension (input ``x``, output ``embedding``)."""
     import torch
 
     buf = io.BytesIO()
-    example = torch.zeros(1, 3, input_size, input_size)
+    example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
     # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript and gains nothing here.
     torch.onnx.export(model.eval(), example, buf, input_names=["x"], output_names=["embedding"],
                       dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)

@@ -63,8 +63,12 @@ def main(verbose: bool) -> None:
 @click.option("--image-size", default=64, help="Input size in pixels (square).")
 @click.option("--color/--grayscale", default=False, help="Feed colour or grey images to the model (FER is grey).")
 @click.option("--epochs", default=10)
-@click.option("--batch-size", default=128)
-@click.option("--lr", default=1e-3, help="Peak AdamW learning rate (cosine schedule after warm-up).")
+@click.option("--batch-size", default=128, help="Images per step (under torchrun: the global batch, split over the processes).")
+@click.option("--lr", default=1e-3, help="Peak learning rate (after warm-up).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", help="AdamW, or SGD with Nesterov momentum 0.9.")
+@click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine",
+              help="cosine: decay over --epochs; plateau: halve the rate when validation accuracy stops rising, stop at the floor.")
+@click.option("--plateau-patience", default=2, help="plateau: epochs without a new best before the rate is cut.")
 @click.option("--weight-decay", default=0.05)
 @click.option("--label-smoothing", default=0.1)
 @click.option("--balance", type=click.Choice(["sampler", "loss", "none"]), default="sampler", help="How to counter class imbalance.")
@@ -89,11 +93,18 @@ def main(verbose: bool) -> None:
                    "(already cropped) faces are framed. Recorded with the model; the service crops faces alike.")
 @task_option
 @uri_option
-def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, weight_decay,
+def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, optimizer, schedule,
+          plateau_patience, weight_decay,
           label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
           seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
-    """Train a backbone and an MLP head on labelled images and register both in MLflow."""
+    """Train a backbone and an MLP head on labelled images and register both in MLflow.
+
+    Under torchrun (`torchrun --nproc_per_node N --no-python infantino train ...`) the processes
+    train one model with DistributedDataParallel (gloo on CPU, nccl on GPUs), --batch-size is the
+    global batch, and rank 0 alone writes checkpoints and registers.
+    """
     from registry.store import RegistryError
+    from training import distributed
     from training.data import DatasetError
     from backbones.model import BackboneError
     from training.pipeline import train_and_register
@@ -101,14 +112,18 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
 
     cfg = TrainConfig(
         backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color, face_margin=face_margin,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
+        weight_decay=weight_decay, label_smoothing=label_smoothing,
         balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion,
         freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device,
     )
     try:
-        train_and_register(data, cfg, _registry(task, tracking_uri), _classes(classes), limit, out_dir, resume,
-                           not no_promote, crop_faces=crop_faces, init_from=init_from)
+        with distributed.session(device):
+            # Rank 0 opens the registry first: a new SQLite registry is created (migrated) once.
+            registry = distributed.main_first(lambda: _registry(task, tracking_uri))
+            train_and_register(data, cfg, registry, _classes(classes), limit, out_dir, resume,
+                               not no_promote, crop_faces=crop_faces, init_from=init_from)
     except (DatasetError, BackboneError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -121,9 +136,11 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
               help="Score only the validation part of the stratified split `train` makes with this --val-fraction (and --seed).")
 @click.option("--seed", default=0, help="Seed of that split (train's --seed).")
 @click.option("--confusion-png", default=None, help="Write the confusion matrix here.")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip+shift"]), default=None,
+              help="Test-time augmentation (default: the service's INFANTINO_TTA).")
 @task_option
 @uri_option
-def evaluate(data, version, limit, holdout, seed, confusion_png, task, tracking_uri):
+def evaluate(data, version, limit, holdout, seed, confusion_png, tta, task, tracking_uri):
     """Score a registered model on labelled data (accuracy, macro-F1, recall, ECE, occluded)."""
     from training.data import load_dataset, stratified_split
     from training.evaluate import save_confusion_matrix
@@ -142,8 +159,11 @@ def evaluate(data, version, limit, holdout, seed, confusion_png, task, tracking_
             _, ds = stratified_split(ds, holdout, seed)
     except (RegistryError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from None
-    metrics, probs, _ = evaluate_pair(backbone.model, head.model, ds, prep, head.classes, prefix="")
-    metrics.update(n=len(ds), skipped=ds.skipped, head_version=head.version, backbone_version=backbone.version,
+    from infantino.settings import get_settings
+
+    tta = tta or get_settings().models.tta
+    metrics, probs, _ = evaluate_pair(backbone.model, head.model, ds, prep, head.classes, prefix="", tta=tta)
+    metrics.update(n=len(ds), skipped=ds.skipped, head_version=head.version, backbone_version=backbone.version, tta=tta,
                    data=str(data), holdout=holdout, seed=seed)
     if confusion_png:
         save_confusion_matrix(probs, ds.y, head.classes, confusion_png)
@@ -224,17 +244,30 @@ def update(force, task, tracking_uri):
 @task_option
 @uri_option
 def bootstrap(if_empty, task, tracking_uri):
-    """Register the model shipped in infantino/default_model/ as champion (first run)."""
-    from registry.shipped import DEFAULT_DIR, register_shipped
+    """Register the model shipped in registry/default_model/ as champion (first run).
+
+    The service does the same on start when the registry has no champion; both hold one lease
+    in the store (INFANTINO_QUEUE_URL) so the model is registered once (service/models.py).
+    """
+    from infantino.settings import get_settings
+    from registry.shipped import DEFAULT_DIR, shipped_meta
+    from registry.store import RegistryError
+    from service.models import register_shipped_once
 
     if not (DEFAULT_DIR / "model.json").exists():
         raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
-    reg = _registry(task or json.loads((DEFAULT_DIR / "model.json").read_text())["task"], tracking_uri)
-    if if_empty and reg.has_champion():
+    task = task or shipped_meta()["task"]
+    try:
+        versions = register_shipped_once(get_settings(), task, tracking_uri=tracking_uri, always=not if_empty)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    reg = _registry(task, tracking_uri)
+    if versions is None:
+        if not reg.has_champion():
+            raise click.ClickException(f"another process is registering the shipped model at {reg.display_uri}; try again later")
         click.echo(f"registry at {reg.display_uri} already has a champion (task {reg.task}, head v{reg.champion_version('head')})")
         return
-    bv, hv = register_shipped(reg)
-    click.echo(f"registered the shipped model as champion: backbone v{bv}, head v{hv} ({reg.display_uri})")
+    click.echo(f"registered the shipped model as champion: backbone v{versions[0]}, head v{versions[1]} ({reg.display_uri})")
 
 
 @main.command("export-default")

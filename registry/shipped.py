@@ -3,7 +3,9 @@
 ``export_champion`` writes the registry's champion pair to ``registry/default_model/``:
 fp16 safetensors weights, the skops head, the replay/validation embeddings and a
 ``model.json`` with label set, preprocessing, metrics, data fingerprint and the command that
-produced it. ``register_shipped`` puts them into an (empty) registry as champion.
+produced it. ``register_shipped`` puts them into an (empty) registry as champion;
+``shipped_serving_head`` and ``shipped_backbone`` load the same models straight from the files,
+which the service serves as version ``SHIPPED_VERSION`` when no registry can be reached.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from infantino.images import Preprocessing
 from registry.store import CHAMPION, ModelRegistry
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_model"
+# The version the shipped files are served as when they do not come from the registry
+# (registered versions start at 1, and the wire format needs a number).
+SHIPPED_VERSION = "0"
 
 
 def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, command: str = "", extra: dict | None = None) -> Path:
@@ -65,6 +70,11 @@ def shipped_meta(model_dir: Path = DEFAULT_DIR) -> dict:
     return json.loads((model_dir / "model.json").read_text())
 
 
+def has_shipped(task: str, model_dir: Path = DEFAULT_DIR) -> bool:
+    """Whether a shipped model exists for ``task``."""
+    return (model_dir / "model.json").exists() and shipped_meta(model_dir).get("task") == task
+
+
 def shipped_head(model_dir: Path = DEFAULT_DIR):
     """The shipped head (a heads.Head)."""
     import skops.io
@@ -91,22 +101,43 @@ def shipped_backbone(model_dir: Path = DEFAULT_DIR):
     return model.eval()
 
 
+def shipped_embeddings(model_dir: Path = DEFAULT_DIR) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """The replay and validation embeddings shipped with the head."""
+    with np.load(model_dir / "embeddings.npz") as npz:
+        return (EmbeddingSet(npz["replay_x"].astype(np.float32), npz["replay_y"]),
+                EmbeddingSet(npz["val_x"].astype(np.float32), npz["val_y"]))
+
+
+def shipped_serving_head(model_dir: Path = DEFAULT_DIR, replay: EmbeddingSet | None = None):
+    """The shipped head as it is registered and served: with the memory online learning needs."""
+    head = shipped_head(model_dir)
+    if not isinstance(head, FeedbackHead):  # a bare offline head: give it the memory online learning needs
+        head = FeedbackHead.around(head, replay if replay is not None else shipped_embeddings(model_dir)[0])
+    return head
+
+
+def shipped_tags(model_dir: Path = DEFAULT_DIR) -> dict[str, str]:
+    """The version tags the shipped pair is registered with."""
+    meta = shipped_meta(model_dir)
+    return {"data_fingerprint": meta.get("data_fingerprint") or "", "data": meta.get("data") or "",
+            "backbone_name": meta["backbone"], "origin": "shipped", "parent_version": "",
+            "val_accuracy": f"{meta.get('metrics', {}).get('val_accuracy', float('nan')):.4f}"}
+
+
 def register_shipped(registry: ModelRegistry, model_dir: Path = DEFAULT_DIR) -> tuple[str, str]:
-    """Register the shipped backbone + head as champion; returns their versions."""
+    """Register the shipped backbone + head as champion; returns their versions.
+
+    Not exclusive by itself: ``infantino bootstrap`` and the service call it through
+    ``service.models.register_shipped_once``, which holds a lease in the shared store.
+    """
     import torch
 
     meta = shipped_meta(model_dir)
     prep = Preprocessing.from_dict(meta["preprocessing"])
     model = shipped_backbone(model_dir)
-    with np.load(model_dir / "embeddings.npz") as npz:
-        replay = EmbeddingSet(npz["replay_x"].astype(np.float32), npz["replay_y"])
-        validation = EmbeddingSet(npz["val_x"].astype(np.float32), npz["val_y"])
-    head = shipped_head(model_dir)
-    if not isinstance(head, FeedbackHead):  # a bare offline head: give it the memory online learning needs
-        head = FeedbackHead.around(head, replay)
-    tags = {"data_fingerprint": meta.get("data_fingerprint") or "", "data": meta.get("data") or "",
-            "backbone_name": meta["backbone"], "origin": "shipped", "parent_version": "",
-            "val_accuracy": f"{meta.get('metrics', {}).get('val_accuracy', float('nan')):.4f}"}
+    replay, validation = shipped_embeddings(model_dir)
+    head = shipped_serving_head(model_dir, replay)
+    tags = shipped_tags(model_dir)
     with registry.start_run("register-shipped-model", tags={"kind": "shipped"}):
         mlflow.log_metrics({k: float(v) for k, v in meta.get("metrics", {}).items()})
         mlflow.log_dict(meta, "model.json")

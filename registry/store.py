@@ -29,12 +29,15 @@ from mlflow.exceptions import MlflowException
 from heads import trusted_types
 from infantino.embeddings import EmbeddingSet
 from infantino.images import Preprocessing
-from infantino.settings import Settings, get_settings, redact
+from infantino.settings import Settings, get_settings, has_secret, protect_logs, redact
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 EMBEDDINGS_DIR, REPLAY_FILE, VALIDATION_FILE = "embeddings", "replay.npz", "validation.npz"
+# A backbone version's ONNX export is a run artifact at the path its ``onnx_artifact`` tag names:
+# what a server without torch runs (service/backbone.py, registry/bundle.py).
+ONNX_DIR, ONNX_TAG = "onnx", "onnx_artifact"
 
 
 class RegistryError(RuntimeError):
@@ -43,11 +46,12 @@ class RegistryError(RuntimeError):
 
 @dataclass
 class LoadedBackbone:
-    model: Any  # backbones.model.EmbeddingNet, in eval mode on the CPU
+    model: Any  # backbones.model.EmbeddingNet, in eval mode on the CPU; None when loaded as ONNX only
     version: str
     preprocessing: Preprocessing
     classes: list[str]
     tags: dict[str, str]
+    onnx: bytes | None = None  # its ONNX export (backbones.runtime), when loaded without torch
 
 
 @dataclass
@@ -78,6 +82,11 @@ class ModelRegistry:
         self.task = task or self.settings.models.default_task
         self.tracking_uri = tracking_uri or self.settings.storage.registry_uri
         self.display_uri = redact(self.tracking_uri)  # for logs, errors and answers: never a password
+        if has_secret(self.tracking_uri):
+            # MLflow prints run links from the URI it was given and names it in its request errors:
+            # no links, and every log record of this process redacted.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+            protect_logs()
         if self.tracking_uri.startswith("sqlite:///"):  # the embedded default: its folder is ours to create
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -131,9 +140,31 @@ class ModelRegistry:
             code_paths=[str(Path(__file__).resolve().parents[1] / "backbones")],
         )
         version = str(info.registered_model_version)
+        onnx_path = self._log_backbone_onnx(model, preprocessing, version)
+        if onnx_path:
+            version_tags[ONNX_TAG] = onnx_path
         for k, v in version_tags.items():
             self.client.set_model_version_tag(self.names["backbone"], version, k, str(v))
         return version
+
+    def _log_backbone_onnx(self, model, preprocessing: Preprocessing, version: str) -> str | None:
+        """Log the backbone's ONNX export in the active run; returns its artifact path (None if
+        the export failed: that version then serves with torch only)."""
+        import torch
+
+        from backbones.runtime import export_onnx
+
+        try:
+            with torch.inference_mode(False):
+                onnx = export_onnx(model, preprocessing.input_size)
+        except Exception:
+            log.warning("could not export backbone v%s to ONNX; it will serve with torch only", version, exc_info=True)
+            return None
+        name = f"backbone-v{version}.onnx"
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(onnx)
+            mlflow.log_artifact(str(Path(tmp) / name), ONNX_DIR)
+        return f"{ONNX_DIR}/{name}"
 
     def log_head(
         self, head, classes: list[str], backbone_version: str, tags: dict[str, str],
@@ -226,6 +257,20 @@ class ModelRegistry:
         except MlflowException:
             return None
 
+    def champion_if_reachable(self, kind: str = "head") -> str | None:
+        """The champion version, None when there is none; unlike ``champion_version``, an
+        unreachable registry raises RegistryError instead of looking empty."""
+        try:
+            model = self.client.get_registered_model(self._name(kind))
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise RegistryError(f"the registry at {self.display_uri} did not answer: {exc}") from exc
+        except Exception as exc:  # a connection error that MLflow did not wrap
+            raise RegistryError(f"the registry at {self.display_uri} did not answer: {exc}") from exc
+        version = model.aliases.get(CHAMPION)
+        return None if version is None else str(version)
+
     def version_info(self, kind: str, version_or_alias: str | int):
         name = self._name(kind)
         ref = str(version_or_alias)
@@ -265,6 +310,20 @@ class ModelRegistry:
         mv = self.version_info("backbone", version_or_alias)
         model = mlflow.pytorch.load_model(f"models:/{self.names['backbone']}/{mv.version}", map_location="cpu").eval()
         return LoadedBackbone(model, str(mv.version), preprocessing_from_tags(mv.tags), mv.tags["label_set"].split(","), dict(mv.tags))
+
+    def load_backbone_onnx(self, version_or_alias: str | int = CHAMPION) -> LoadedBackbone | None:
+        """The backbone as its ONNX export (``model`` None, ``onnx`` the bytes), without torch;
+        None for a version logged without one (before exports were logged, or a failed export)."""
+        mv = self.version_info("backbone", version_or_alias)
+        path = mv.tags.get(ONNX_TAG)
+        if not path or not mv.run_id:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=path, dst_path=tmp,
+                                                     tracking_uri=self.tracking_uri)
+            onnx = Path(local).read_bytes()
+        return LoadedBackbone(None, str(mv.version), preprocessing_from_tags(mv.tags), mv.tags["label_set"].split(","),
+                              dict(mv.tags), onnx=onnx)
 
     def load_embeddings(self, head: LoadedHead) -> tuple[EmbeddingSet, EmbeddingSet]:
         """The replay and validation embeddings that travel with a head's lineage."""

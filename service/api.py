@@ -1,4 +1,5 @@
-"""The public API service: POST /predict, /predict_batch, /predict_sequence, /feedback, /admin/update; GET /model.
+"""The public API service: POST /predict, /predict_batch, /predict_sequence, /feedback, /admin/update, /admin/rollback;
+GET /model, and the web page at / with its data under /ui (``service.web``; Swagger UI at /docs).
 
 Endpoints are thin: they read uploads (``service.inputs``), cut regions (``infantino.regions``),
 ask the backbone service for embeddings (adaptive batching happens there), build answers
@@ -15,29 +16,35 @@ import asyncio
 import functools
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import aiohttp
 import bentoml
 import numpy as np
-from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from fastapi import FastAPI, Request
+from pydantic import Field
+from starlette.responses import JSONResponse, Response
 
 from infantino.faces import create_detector
 from infantino.images import ImageError, Preprocessing, open_image, shared_input
 from infantino.periodic import Periodic
 from infantino.regions import Mode, Region, find_regions
-from infantino.settings import get_settings
+from infantino.settings import get_settings, redact
 from online.updater import UpdateReport, Updater
-from service import metrics
+from registry.store import RegistryError
+from service import metrics, web
 from service.answers import Served, Snapshot, build_answers
 from service.backbone import BackboneService, unpack_embeddings
 from service.errors import ApiError, answers_errors
 from service.inputs import Uploads
+from service.middleware import RequestGuard
 from service.models import ChampionFollower
 from service.recorder import PredictionRecorder
-from service.schemas import Answer, BatchAnswer, Clip, FacesAnswer, FeedbackAck, Frame, SequenceAnswer, UpdateAnswer
+from service.schemas import (Answer, BatchAnswer, Clip, FacesAnswer, FeedbackAck, Frame, ItemError, RollbackAnswer, SequenceAnswer,
+                             UpdateAnswer)
 from service.sequence import SequenceError, aggregate, decode_video
 from store import IdempotencyConflict, Stores, UnknownPrediction
+from store.schema import MAX_ID, MAX_KEY
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
@@ -45,6 +52,7 @@ PREDICTION_RETENTION_PRUNE_S = 300.0  # how often old predictions are deleted
 
 # GET routes beside BentoML's POST APIs; methods of the service class get `self` (BentoML's class views).
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+web.install(app)  # the page at /, Swagger UI at /docs, static files under /web
 
 
 class ServedHead(ChampionFollower):
@@ -181,19 +189,35 @@ class InfantinO:
         await self.recorder.record(records)
         return answers
 
-    async def _predict(self, raws: list[bytes], faces: bool, whole_image_if_no_face: bool) -> list[Answer | FacesAnswer]:
-        """One answer per upload: a prediction, or (faces=True) every face found with its box."""
+    async def _predict(self, raws: list[bytes | ApiError], faces: bool, whole_image_if_no_face: bool) -> list[Answer | FacesAnswer | ApiError]:
+        """One answer per upload: a prediction, or (faces=True) every face found with its box; an
+        upload that cannot be read answers its ApiError, and the others are answered all the same."""
         snapshot = self._snapshot()
         prep = self._input(snapshot)
-        per_image = await asyncio.gather(*(asyncio.to_thread(self._regions, r, prep, "all" if faces else "whole") for r in raws))
-        if faces and whole_image_if_no_face:
-            per_image = [regions or await asyncio.to_thread(self._regions, raw, prep, "whole") for regions, raw in zip(per_image, raws)]
-        answers = await self._classify(snapshot, [region for regions in per_image for region in regions])
-        if not faces:
-            return list(answers)
-        out, i = [], 0
+
+        async def regions_of(raw: bytes | ApiError) -> list[Region] | ApiError:
+            if isinstance(raw, ApiError):
+                return raw
+            try:
+                regions = await asyncio.to_thread(self._regions, raw, prep, "all" if faces else "whole")
+                if faces and whole_image_if_no_face and not regions:
+                    regions = await asyncio.to_thread(self._regions, raw, prep, "whole")
+                return regions
+            except ApiError as exc:
+                return exc
+
+        per_image = await asyncio.gather(*(regions_of(r) for r in raws))
+        answers = await self._classify(snapshot, [region for regions in per_image if not isinstance(regions, ApiError) for region in regions])
+        out: list[Answer | FacesAnswer | ApiError] = []
+        i = 0
         for regions in per_image:
+            if isinstance(regions, ApiError):
+                out.append(regions)
+                continue
             mine, i = answers[i : i + len(regions)], i + len(regions)
+            if not faces:
+                out.append(mine[0])
+                continue
             found = [a for a, r in zip(mine, regions) if r.face is not None]
             whole = next((a for a, r in zip(mine, regions) if r.face is None), None)
             out.append(FacesAnswer(face_count=len(found), faces=found, whole_image=whole,
@@ -212,15 +236,23 @@ class InfantinO:
         With `faces=true`, every face found is classified, each with its box; when none is
         found the answer says so (and classifies the whole image unless told not to).
         """
-        return (await self._predict([self.uploads.one(image, image_base64)], faces, whole_image_if_no_face))[0]
+        answer = (await self._predict([self.uploads.one(image, image_base64)], faces, whole_image_if_no_face))[0]
+        if isinstance(answer, ApiError):
+            raise answer
+        return answer
 
     @bentoml.api
     @answers_errors
     async def predict_batch(self, images: list[Path] = [], images_base64: list[str] | None = None, faces: bool = False,
                             whole_image_if_no_face: bool = True) -> BatchAnswer:
-        """Classify several images in one call (multipart `images`, or JSON `images_base64`)."""
-        raws = self.uploads.many(images, images_base64, "images", self.settings.limits.max_batch_images)
-        return BatchAnswer(predictions=await self._predict(raws, faces, whole_image_if_no_face))
+        """Classify several images in one call (multipart `images`, or JSON `images_base64`).
+
+        Answers per item: an image that cannot be read gets its error (with its `index`), the others their predictions.
+        """
+        raws = self.uploads.many(images, images_base64, "images", self.settings.limits.max_batch_images, per_item=True)
+        answers = await self._predict(raws, faces, whole_image_if_no_face)
+        return BatchAnswer(predictions=[ItemError(**a.body.model_dump(), index=i) if isinstance(a, ApiError) else a
+                                        for i, a in enumerate(answers)])
 
     @bentoml.api
     @answers_errors
@@ -263,8 +295,10 @@ class InfantinO:
 
     @bentoml.api
     @answers_errors
-    async def feedback(self, label: str, image: list[Path] = [], image_base64: str | None = None, prediction_id: str | None = None,
-                       idempotency_key: str | None = None, face_crop: bool = False, task: str | None = None) -> FeedbackAck:
+    async def feedback(self, label: str, image: list[Path] = [], image_base64: str | None = None,
+                       prediction_id: Annotated[str | None, Field(max_length=MAX_ID)] = None,
+                       idempotency_key: Annotated[str | None, Field(max_length=MAX_KEY)] = None,
+                       face_crop: bool = False, task: str | None = None) -> FeedbackAck:
         """Tell the model the true label of an image, or of an earlier prediction (prediction_id).
 
         `task` names whose label it is (default: the first served task; with a prediction_id,
@@ -318,11 +352,7 @@ class InfantinO:
 
         Needs `Authorization: Bearer $INFANTINO_ADMIN_TOKEN`.
         """
-        token = self.settings.security.admin_token
-        if not token:
-            raise ApiError(403, "admin_disabled", "admin endpoints are off; set INFANTINO_ADMIN_TOKEN to enable them")
-        if ctx.request.headers.get("authorization", "") != f"Bearer {token}":
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        web.require_admin(self.settings.security.admin_token, ctx.request.headers.get("authorization"))
         which = self._task(task)
         report = await asyncio.to_thread(self.updaters[which].run_once, True)
         if report is None:
@@ -354,6 +384,67 @@ class InfantinO:
                 entry["tags"] = dict(mv.tags)
                 entry["metrics"] = reg.run_metrics(mv.run_id) if mv.run_id else {}
             except Exception as exc:  # registry down: still describe what is served
-                entry["registry_error"] = str(exc)[:300]
+                entry["registry_error"] = redact(exc)[:300]  # MLflow's errors quote the tracking URI
             out[kind] = entry
         return out
+
+    # ---- the web page's data (service/web.py) ---------------------------------------------------
+    @bentoml.api(route="/admin/rollback")
+    @answers_errors
+    async def admin_rollback(self, ctx: bentoml.Context, task: str | None = None) -> RollbackAnswer:
+        """Make the previous champion head of `task` (default: the first served) champion again.
+
+        Needs `Authorization: Bearer $INFANTINO_ADMIN_TOKEN`.
+        """
+        web.require_admin(self.settings.security.admin_token, ctx.request.headers.get("authorization"))
+        which = self._task(task)
+        registry = self.heads[which].source.registry
+        try:
+            before = await asyncio.to_thread(registry.champion_version, "head")
+            now = await asyncio.to_thread(registry.rollback, "head")
+        except RegistryError as exc:
+            raise ApiError(409, "rollback_not_possible", str(exc)) from None
+        await asyncio.to_thread(self.heads[which].watcher.check_now)
+        return RollbackAnswer(task=which, head_version=now, rolled_back_version=before or "")
+
+    def _web_status(self) -> dict:
+        return web.status({task: heads.served for task, heads in self.heads.items()}, self.stores.feedback, self.settings)
+
+    @app.get("/ui/status")
+    async def ui_status(self) -> JSONResponse:
+        """Served versions, labels and queue of every task, and what the page may offer (images kept, admin on)."""
+        return JSONResponse(await asyncio.to_thread(self._web_status))
+
+    @app.get("/ui/events", include_in_schema=False)
+    async def ui_events(self) -> Response:
+        """/ui/status as server-sent events, sent whenever it changes (a new champion, a longer queue)."""
+        return web.event_stream(self._web_status)
+
+    @app.get("/ui/review")
+    async def ui_review(self, request: Request, task: str | None = None, order: str = "margin", limit: int = 24,
+                        within_s: float | None = None) -> JSONResponse:
+        """The recent predictions the model was least sure of, not yet labelled, with their crops. Admin token."""
+        try:
+            web.require_admin(self.settings.security.admin_token, request.headers.get("authorization"))
+            which = self._task(task)
+            served = self._snapshot()[which]
+            return JSONResponse(await asyncio.to_thread(web.review, self.stores.predictions, which, served.classes, self.settings,
+                                                        limit, order, within_s))
+        except ApiError as exc:
+            return exc.response()
+
+    @app.get("/ui/history")
+    async def ui_history(self, task: str | None = None) -> JSONResponse:
+        """Every head version of `task`: origin, parent, gate verdict and reason, accuracies, aliases."""
+        try:
+            which = self._task(task)
+            return JSONResponse(await asyncio.to_thread(web.history, self.heads[which].source.registry))
+        except ApiError as exc:
+            return exc.response()
+
+
+# BentoML reads each API's input before the endpoint runs and answers its own failures there:
+# RequestGuard gives those requests the service's 4xx error shape (see service/middleware.py).
+InfantinO.add_asgi_middleware(RequestGuard, service=InfantinO)
+# BentoML labels its request metrics by path: these routes (and the APIs') by name, any other path as one (service/metrics.py).
+metrics.label_requests_by_route([*app.openapi()["paths"], "/", "/docs", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics"])

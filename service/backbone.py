@@ -12,12 +12,13 @@ was not trained on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import bentoml
 import numpy as np
 
-from backbones.runtime import Runner, create_runner, with_tta
+from backbones.runtime import Runner, create_runner, torch_installed, with_tta
 from infantino import EMBEDDING_DIM
 from infantino.images import fit_input
 from infantino.settings import get_settings
@@ -65,15 +66,47 @@ class ServedBackbone(ChampionFollower):
         wanted = self.source.head_backbone_version(head_version) if head_version else None
         with self._lock:
             if self.current is None or wanted is None or wanted != self.current[0].version:
-                from backbones.inference import for_inference
-
-                loaded = self.source.load_backbone(wanted)
-                loaded.model = for_inference(loaded.model.to(self.device))
-                run = with_tta(create_runner(loaded.preprocessing, SETTINGS.models.backbone_runtime, model=loaded.model,
-                                             threads=SETTINGS.serving.torch_threads), SETTINGS.models.tta)
-                self.current = (loaded, run)  # one swap: in-flight batches keep the old
-                log.info("%s: serving backbone v%s on %s", self.task, loaded.version, SETTINGS.models.backbone_runtime)
+                loaded, run = self.load(wanted)
+                self.current = (loaded, with_tta(run, SETTINGS.models.tta))  # one swap: in-flight batches keep the old
+                log.info("%s: serving backbone v%s on %s (%s)", self.task, loaded.version, SETTINGS.models.backbone_runtime,
+                         "ONNX" if loaded.model is None else f"torch, {self.device}")
             self.head_version = head_version
+
+    def load(self, version: str | None) -> tuple[LoadedBackbone, Runner]:
+        """The backbone and its runner: from its ONNX export, without torch, when ONNX Runtime runs it
+        (on a CPU, or asked for); else, or when the version has no export, the torch model."""
+        runtime, threads = SETTINGS.models.backbone_runtime, SETTINGS.serving.torch_threads
+        if runtime == "onnxruntime" or (runtime == "auto" and str(self.device) == "cpu"):
+            loaded = self.source.load_backbone_onnx(version)
+            if loaded is not None:
+                return loaded, create_runner(loaded.preprocessing, runtime, onnx=loaded.onnx, threads=threads)
+        import torch
+
+        from backbones.inference import for_inference
+
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = self.source.load_backbone(version)
+        loaded.model = for_inference(loaded.model.to(self.device))
+        return loaded, create_runner(loaded.preprocessing, runtime, model=loaded.model, threads=threads)
+
+
+def serving_device(runtime: str):
+    """Where the backbone runs: ``"cpu"`` without importing torch, unless torch is asked for or a
+    GPU may be present (then torch picks: a GPU when there is one). A Bento built without torch
+    (bentofile.yaml) serves the CPU path only."""
+    if runtime != "torch" and not gpu_may_be_present():
+        return "cpu"
+    from backbones.inference import pick_device
+
+    return pick_device(None)
+
+
+def gpu_may_be_present() -> bool:
+    """torch is installed and the machine has a CUDA or ROCm device node (no torch import)."""
+    if not torch_installed():
+        return False
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
 
 
 # runner_connection: BentoML's client to this service recycles its connection session every
@@ -85,13 +118,7 @@ class ServedBackbone(ChampionFollower):
 )
 class BackboneService:
     def __init__(self) -> None:
-        import torch
-
-        from backbones.inference import pick_device
-
-        if SETTINGS.serving.torch_threads:
-            torch.set_num_threads(SETTINGS.serving.torch_threads)
-        self.device = pick_device(None)  # a GPU when there is one
+        self.device = serving_device(SETTINGS.models.backbone_runtime)
         self.tasks = {task: ServedBackbone(task, self.device).start() for task in SETTINGS.models.tasks}
 
     def __is_ready__(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextvars import ContextVar
 from typing import Any, Awaitable, Callable, TypeVar
 
 import bentoml
@@ -21,6 +22,29 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # How each image problem maps to HTTP.
 IMAGE_STATUS = {"empty_image": 400, "corrupt_image": 400, "not_an_image": 415, "image_too_large": 413}
+ECHO_MAX_CHARS = 80  # the most of a client's value an answer repeats
+
+
+def shown(value: Any, limit: int = ECHO_MAX_CHARS) -> str:
+    """A client's value as an answer may quote it: repr'd and cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class EndpointMark:
+    """Whether the endpoint of the current request has started.
+
+    ``service.middleware`` puts a fresh mark in :data:`ENDPOINT_MARK` for each API request and
+    :func:`answers_errors` sets it: an error answered while it is unset came from BentoML reading
+    the request, before any endpoint code ran. (The mark is an object, not a flag in the
+    variable, so it is shared with any task BentoML runs the endpoint in.)
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+ENDPOINT_MARK: ContextVar[EndpointMark | None] = ContextVar("infantino_endpoint_mark", default=None)
 
 
 class ApiError(Exception):
@@ -47,6 +71,8 @@ def answers_errors(endpoint: F) -> F:
 
     @functools.wraps(endpoint)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if (mark := ENDPOINT_MARK.get()) is not None:
+            mark.started = True
         try:
             return await endpoint(*args, **kwargs)
         except ApiError as exc:

@@ -42,11 +42,22 @@ class Uploads:
             raise ApiError(400, "too_many_images", f"this endpoint takes one {field}; use /predict_batch for several")
         return self.read(uploads[0] if uploads else None, b64, field)
 
-    def many(self, uploads: list[Path], b64s: list[str] | None, field: str, limit: int, what: str = "images") -> list[bytes]:
+    def many(self, uploads: list[Path], b64s: list[str] | None, field: str, limit: int, what: str = "images",
+             per_item: bool = False) -> list[bytes | ApiError]:
+        """Every file sent; with ``per_item``, a file that cannot be read is its ApiError in the list
+        (a batch answers per item) instead of failing the call."""
         n = len(uploads) + len(b64s or [])
         if n == 0:
             raise ApiError(400, f"missing_{'image' if what == 'images' else what}",
                            f"send {what}: multipart field '{field}' (repeated) or JSON list '{field}_base64'")
         if n > limit:
             raise ApiError(413, f"too_many_{what}", f"{n} {what}; the limit per call is {limit}")
-        return [self.read(u, None, field) for u in uploads] + [self.read(None, b, field) for b in b64s or []]
+        items: list[bytes | ApiError] = []
+        for upload, b64 in [(u, None) for u in uploads] + [(None, b) for b in b64s or []]:
+            try:
+                items.append(self.read(upload, b64, field))
+            except ApiError as exc:
+                if not per_item:
+                    raise
+                items.append(exc)
+        return items

@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import bentoml
+from bentoml._internal.context import server_context
+from bentoml._internal.server.http import instruments
 
 PREDICTIONS = bentoml.metrics.Counter("infantino_predictions_total", "Predictions answered, by predicted label.", ["label", "task"])
 CONFIDENCE = bentoml.metrics.Histogram(
@@ -18,3 +22,39 @@ SERVED_VERSION = bentoml.metrics.Gauge(
     "infantino_served_model_version", "Model version each worker serves.", ["task", "kind"], multiprocess_mode="all"
 )
 UPDATES = bentoml.metrics.Counter("infantino_updates_total", "Online updates run, by gate verdict.", ["task", "verdict"])
+
+
+# BentoML's request metrics (bentoml_service_request_*) are labelled by the raw request path, so
+# every distinct path a client invents (random 404s) would add series without bound; BentoML 1.4
+# has no setting for it (checked 1.4.40). Its middleware class is looked up when each worker
+# builds its app, after the service module is imported: a subclass put in its place labels the
+# service's own routes by name and every other path as one value.
+UNMATCHED_PATH = "unmatched"
+_PATH_LABELLED = ("metrics_request_duration", "metrics_request_total", "metrics_request_in_progress",
+                  "metrics_websocket_connections", "metrics_websocket_data_received", "metrics_websocket_data_sent")
+
+
+class _KnownEndpoints:
+    """A BentoML metric whose ``endpoint`` label is a known route or :data:`UNMATCHED_PATH`."""
+
+    def __init__(self, metric, known: frozenset[str]):
+        self.metric, self.known = metric, known
+
+    def labels(self, *, endpoint: str, **labels):
+        return self.metric.labels(endpoint=endpoint if endpoint in self.known else UNMATCHED_PATH, **labels)
+
+
+class RouteLabelledTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
+    routes: frozenset[str] = frozenset()
+
+    def _setup(self) -> None:
+        super()._setup()
+        known = self.routes | set(server_context.service_routes)  # + the BentoML APIs' routes
+        for name in _PATH_LABELLED:
+            setattr(self, name, _KnownEndpoints(getattr(self, name), known))
+
+
+def label_requests_by_route(routes: Iterable[str]) -> None:
+    """Label BentoML's request metrics by ``routes`` (and the service's API routes); other paths as one."""
+    RouteLabelledTrafficMetrics.routes = frozenset(routes)
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledTrafficMetrics

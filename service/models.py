@@ -3,22 +3,102 @@
 At start-up a worker asks the MLflow registry for the champion head (and the backbone version
 that head was trained on). When the registry cannot be reached or is empty, it falls back to
 the models ``bentoml build`` bundled into the Bento (``infantino bundle`` copies the champions
-into BentoML's model store first). While running, a :class:`ChampionWatcher` thread polls the
-alias and swaps models in place, so a promotion reaches every worker of every replica without
-a restart, and nothing in one process decides what the others serve.
+into BentoML's model store first), and without those to the model shipped in the package
+(``registry/default_model/``, served as version 0), so an outage at start never keeps a worker
+down or crash-looping. While running, a :class:`ChampionWatcher` thread polls the alias and
+swaps models in place, so a promotion reaches every worker of every replica without a
+restart, and nothing in one process decides what the others serve.
+
+A fresh state (plain ``bentoml serve``, a new volume) has an empty registry: the first worker
+registers the shipped model as champion itself (:func:`register_shipped_once`), the same thing
+``infantino bootstrap`` does, so ``bentoml serve`` needs no set-up step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
+from backbones.runtime import torch_installed
+from infantino.images import Preprocessing
 from infantino.periodic import Periodic
 from infantino.settings import Settings
-from registry.store import CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags
+from registry.shipped import (SHIPPED_VERSION, has_shipped, register_shipped, shipped_backbone, shipped_meta, shipped_serving_head,
+                              shipped_tags)
+from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags,
+                            preprocessing_tags)
+from store import Database, Lease
 
 log = logging.getLogger(__name__)
+
+# Registering the shipped model when the registry has no champion, in exactly one process.
+#
+# Why a lease, and why the registration happens before a worker serves: the API workers, the
+# backbone worker and every replica start together, and each would otherwise see an empty
+# registry and register its own copy. The lease in the shared store (store/lease.py, the one the
+# online updater already relies on across replicas; SQLite on one host, PostgreSQL for several)
+# lets one process register while the others wait for it and then find the champion. Waiting
+# for the lease *before* the first MLflow client of the process also serialises the creation of
+# a new SQLite registry: MLflow migrates an empty database on first use without a lock between
+# processes, and concurrent migrations fail. The holder renews the lease while it works, so a
+# holder that dies frees it within the TTL and the next waiter (or, later, a worker's champion
+# watcher) registers instead. Serving the package files directly and registering in the
+# background was the alternative; it would serve a version the registry does not know (feedback
+# and updates name registered versions), so the package files are only the fallback for when
+# the registry cannot be reached at all.
+SHIPPED_LEASE = "register-shipped-{task}"
+SHIPPED_LEASE_TTL_S = 60.0  # renewed every quarter of it while registering
+SHIPPED_WAIT_S = 300.0  # how long a starting worker waits for another process's registration
+SHIPPED_RETRY_S = 60.0  # how often a running worker retries when the registry is still empty
+
+
+def register_shipped_once(settings: Settings, task: str, wait_s: float = SHIPPED_WAIT_S, tracking_uri: str | None = None,
+                          lease: Lease | None = None, always: bool = False) -> tuple[str, str] | None:
+    """Register the shipped model as ``task``'s champion unless the registry has one (or ``always``),
+    while holding the shared lease; returns the new (backbone, head) versions, or None when
+    nothing was registered (a champion exists, or another process still holds the lease after
+    ``wait_s``). Raises RegistryError when the registry does not answer."""
+    db = None
+    if lease is None:
+        db = Database(settings.storage.database_url)
+        lease = Lease(db)
+    name = SHIPPED_LEASE.format(task=task)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    try:
+        deadline = time.monotonic() + wait_s
+        while not lease.try_acquire(name, holder, SHIPPED_LEASE_TTL_S):
+            if time.monotonic() >= deadline:
+                log.warning("%s: another process is still registering the shipped model (lease %s held by %s)",
+                            task, name, lease.holder(name))
+                return None
+            time.sleep(0.5)
+        renewal = Periodic(lambda: lease.try_acquire(name, holder, SHIPPED_LEASE_TTL_S), SHIPPED_LEASE_TTL_S / 4,
+                           f"shipped-lease-{task}").start()
+        try:
+            registry = ModelRegistry(settings, task, tracking_uri)
+            if not always and registry.champion_if_reachable("head") is not None:
+                return None
+            log.warning("%s: the registry at %s has no champion; registering the shipped model", task, registry.display_uri)
+            versions = register_shipped(registry)
+            log.warning("%s: registered the shipped model as champion: backbone v%s, head v%s", task, *versions)
+            return versions
+        finally:
+            renewal.stop()
+            lease.release(name, holder)
+    finally:
+        if db is not None:
+            db.close()
+
+
+def can_register_shipped(task: str) -> bool:
+    """A shipped model exists for ``task`` and torch is installed to register it (a Bento built
+    without torch serves its bundled models instead)."""
+    return has_shipped(task) and torch_installed()
 
 
 class ModelSource:
@@ -39,8 +119,10 @@ class ModelSource:
     def head_backbone_version(self, head_version: str) -> str:
         return self.registry.version_info("head", head_version).tags["backbone_version"]
 
-    def backbone_preprocessing(self, backbone_version: str):
+    def backbone_preprocessing(self, backbone_version: str) -> Preprocessing:
         """The preprocessing a backbone version expects, read from its tags (no weights loaded)."""
+        if backbone_version == SHIPPED_VERSION and self._has_shipped():
+            return Preprocessing.from_dict(shipped_meta()["preprocessing"])
         try:
             return preprocessing_from_tags(self.registry.version_info("backbone", backbone_version).tags)
         except RegistryError:
@@ -50,15 +132,56 @@ class ModelSource:
         version = version or self.champion_head_version()
         if version is not None:
             return self.registry.load_head(version)
-        return self._bundled_head()
+        try:
+            return self._bundled_head()
+        except RegistryError:
+            if not self._has_shipped():
+                raise
+            return self._shipped_head()
 
     def load_backbone(self, version: str | None = None) -> LoadedBackbone:
         if version is None:
             head_version = self.champion_head_version()
             if head_version is None:
-                return self._bundled_backbone()
+                try:
+                    return self._bundled_backbone()
+                except RegistryError:
+                    if not self._has_shipped():
+                        raise
+                    return self._shipped_backbone()
             version = self.head_backbone_version(head_version)
         return self.registry.load_backbone(version)
+
+    def load_backbone_onnx(self, version: str | None = None) -> LoadedBackbone | None:
+        """Like ``load_backbone``, as its ONNX export (``model`` None): no torch needed. None when
+        that backbone has no ONNX export (then ``load_backbone`` loads it with torch)."""
+        if version is None:
+            head_version = self.champion_head_version()
+            if head_version is None:
+                try:
+                    return self._bundled_backbone_onnx()
+                except RegistryError:
+                    return None
+            version = self.head_backbone_version(head_version)
+        return self.registry.load_backbone_onnx(version)
+
+    # ---- the package's shipped model (see registry/shipped.py), served as version 0 ----------
+    def _has_shipped(self) -> bool:
+        return has_shipped(self.registry.task)
+
+    def _shipped_head(self) -> LoadedHead:
+        meta = shipped_meta()
+        log.warning("%s: no champion in the registry at %s and no bundled model: serving the shipped model (v%s)",
+                    self.registry.task, self.registry.display_uri, SHIPPED_VERSION)
+        tags = {**shipped_tags(), "label_set": ",".join(meta["classes"]), "backbone_version": SHIPPED_VERSION,
+                "task": self.registry.task}
+        return LoadedHead(shipped_serving_head(), SHIPPED_VERSION, SHIPPED_VERSION, list(meta["classes"]), tags, "")
+
+    def _shipped_backbone(self) -> LoadedBackbone:
+        meta = shipped_meta()
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        tags = {**shipped_tags(), **preprocessing_tags(prep), "label_set": ",".join(meta["classes"]), "task": self.registry.task}
+        return LoadedBackbone(shipped_backbone(), SHIPPED_VERSION, prep, list(meta["classes"]), tags)
 
     # ---- the Bento's bundled copies (see registry/bundle.py) ---------------------------------
     def _bundled(self, kind: str):
@@ -80,6 +203,17 @@ class ModelSource:
         model = mlflow.sklearn.load_model(str(Path(bm.path) / "mlflow_model"))
         return LoadedHead(model, bm.info.metadata["version"], tags["backbone_version"], tags["label_set"].split(","), tags, "")
 
+    def _bundled_backbone_onnx(self) -> LoadedBackbone | None:
+        from registry.bundle import BUNDLED_ONNX
+
+        bm = self._bundled("backbone")
+        onnx = Path(bm.path) / BUNDLED_ONNX
+        if not onnx.exists():
+            return None
+        tags = dict(bm.info.metadata["tags"])
+        return LoadedBackbone(None, bm.info.metadata["version"], preprocessing_from_tags(tags), tags["label_set"].split(","), tags,
+                              onnx=onnx.read_bytes())
+
     def _bundled_backbone(self) -> LoadedBackbone:
         import mlflow
 
@@ -95,12 +229,15 @@ class ChampionWatcher:
     A failed load is logged and retried at the next poll; the old model keeps serving.
     """
 
-    def __init__(self, source: ModelSource, current: Callable[[], str | None], on_change: Callable[[str], None], interval_s: float):
-        self.source, self.current, self.on_change = source, current, on_change
+    def __init__(self, source: ModelSource, current: Callable[[], str | None], on_change: Callable[[str], None], interval_s: float,
+                 on_missing: Callable[[], object] | None = None):
+        self.source, self.current, self.on_change, self.on_missing = source, current, on_change, on_missing
         self.loop = Periodic(self.check_now, interval_s, f"champion-watcher-{source.registry.task}")
 
     def check_now(self) -> bool:
         wanted = self.source.champion_head_version()
+        if wanted is None and self.on_missing is not None and self.on_missing():  # the registry was filled
+            wanted = self.source.champion_head_version()
         if wanted is not None and wanted != self.current():
             try:
                 self.on_change(wanted)
@@ -115,13 +252,38 @@ class ChampionFollower:
     started, kept current by a :class:`ChampionWatcher`. Subclasses say what a switch loads."""
 
     def __init__(self, settings: Settings, task: str):
-        self.task = task
+        self.task, self.settings = task, settings
+        self._lease_db: Database | None = None
+        self._next_register_try = 0.0
+        try:  # before this process's first registry client: see register_shipped_once
+            if can_register_shipped(task):
+                register_shipped_once(settings, task)
+        except RegistryError as exc:
+            log.warning("%s: %s; the champion watcher retries", task, exc)
+        except Exception:
+            log.exception("%s: could not register the shipped model now; the champion watcher retries", task)
         self.source = ModelSource(settings, task)
         try:
             self.switch(self.source.champion_head_version())
         except Exception:
             log.exception("%s: no model loaded yet; not ready until the registry has a champion", task)
-        self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.models.model_poll_s)
+        self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.models.model_poll_s,
+                                       on_missing=self._register_if_empty)
+
+    def _register_if_empty(self) -> bool:
+        """The registry answers but has no champion (it was down at start, or a registering
+        process died): register the shipped model, at most once a minute per worker."""
+        if not can_register_shipped(self.task) or time.monotonic() < self._next_register_try:
+            return False
+        self._next_register_try = time.monotonic() + SHIPPED_RETRY_S
+        try:
+            if self.source.registry.champion_if_reachable("head") is not None:
+                return True
+        except RegistryError:
+            return False  # an outage: keep serving what we have
+        if self._lease_db is None:
+            self._lease_db = Database(self.settings.storage.database_url)
+        return register_shipped_once(self.settings, self.task, wait_s=0, lease=Lease(self._lease_db)) is not None
 
     def start(self) -> "ChampionFollower":
         self.watcher.loop.start()
@@ -129,6 +291,8 @@ class ChampionFollower:
 
     def stop(self) -> None:
         self.watcher.loop.stop()
+        if self._lease_db is not None:
+            self._lease_db.close()
 
     def switch(self, head_version: str | None) -> None:
         raise NotImplementedError

@@ -42,8 +42,14 @@ class FacesAnswer(BaseModel):
     message: str | None
 
 
+class ItemError(ErrorBody):
+    """An item of a batch that could not be answered; the other items are."""
+
+    index: int = Field(description="the item's position among the images sent (multipart files first, then images_base64)")
+
+
 class BatchAnswer(BaseModel):
-    predictions: list[Answer | FacesAnswer]
+    predictions: list[Answer | FacesAnswer | ItemError] = Field(description="one entry per image sent, in order")
 
 
 class Aggregate(BaseModel):
@@ -88,9 +94,14 @@ class UpdateAnswer(BaseModel):
     parent_version: str
     promoted: bool
     verdict: str
-    new_items: int
-    held_out_items: int
-    replay_items: int
-    left_out_items: int
+    new_items: int = Field(description="feedback items this update was the first to use")
+    feedback_items: int = Field(description="all feedback the candidate was taught, and the gate's evidence")
+    left_out_items: int = Field(description="queued items that could not be used (an old backbone's embedding without an image)")
     seconds: float
     metrics: dict[str, float]
+
+
+class RollbackAnswer(BaseModel):
+    task: str
+    head_version: str = Field(description="the head version that is champion now")
+    rolled_back_version: str = Field(description="the head version that was champion before")

@@ -34,7 +34,7 @@ def decode_video(data: bytes, max_frames: int, max_seconds: float) -> list[tuple
         if not cap.isOpened():
             raise SequenceError("not_a_video", "the body is not a video OpenCV can read (accepted: mp4, avi, mkv, webm, mjpeg ...)")
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        count = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0)  # FFmpeg says -2**63 when it cannot tell (a still image)
         if fps > 0 and count > 0 and count / fps > max_seconds:
             raise SequenceError("video_too_long", f"the video lasts {count / fps:.1f} s; the limit is {max_seconds} s")
         wanted = set(np.linspace(0, max(count - 1, 0), min(max_frames, count)).round().astype(int).tolist()) if count else None

@@ -309,7 +309,7 @@ def test_a_second_task_has_its_own_labels_feedback_and_updates(client, server):
     assert r.status_code == 200, r.text
     report = r.json()
     assert report["task"] == "mouth" and report["parent_version"] == "1" and report["head_version"] == "2"
-    assert report["new_items"] + report["held_out_items"] == len(items)
+    assert report["new_items"] == report["feedback_items"] == len(items)
     home = server.env["INFANTINO_HOME"]
     mouth_reg, expression_reg = ModelRegistry(Settings(home=home), task="mouth"), ModelRegistry(Settings(home=home), task="expression")
     assert sorted(v["version"] for v in mouth_reg.list_versions("head")) == ["1", "2"]
