@@ -8,7 +8,7 @@ PYTHON ?= python3
 PORT ?= 3000
 BIN = $(VENV)/bin
 
-.PHONY: setup serve test build build-gpu clean
+.PHONY: setup serve test build build-gpu container clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,12 @@ build-gpu: setup
 	$(BIN)/infantino bootstrap
 	$(BIN)/infantino bundle
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/bentoml build -f bentofile.gpu.yaml
+
+# The torch-free Bento in a real container (buildah, podman; see README "Build a Bento and a
+# container"): base image (a registry's python:3.11-slim, or one built from Debian packages),
+# make build if needed, containerize, run, /readyz, /predict; writes bench/results/containerize.json.
+container: setup
+	VENV=$(VENV) scripts/containerize.sh
 
 clean:
 	rm -rf $(VENV) .infantino

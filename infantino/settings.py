@@ -110,7 +110,7 @@ class OnlineSettings(_Group):
 
     update_min_items: int = Field(32, ge=1, description="queued feedback items that trigger an update")
     update_interval_s: float = Field(60.0, gt=0, description="an update also runs when one item has waited this long")
-    update_feedback_weight: float = Field(5.0, gt=0, description="feedback head: weight of a feedback item against a replayed training item (chosen by bench/online_tuning.py)")
+    update_feedback_weight: float = Field(1.0, gt=0, description="feedback head: weight of a feedback item against a replayed training item (chosen by bench/online_tuning.py)")
     update_learning_rate: float = Field(3e-4, gt=0, description="mlp head: step size of the online partial_fit")
     update_passes: int = Field(5, ge=1, description="mlp head: passes over the new items per update")
     gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")
@@ -130,7 +130,10 @@ class PrivacySettings(_Group):
 class SecuritySettings(_Group):
     """Who may change the model."""
 
-    admin_token: str | None = Field(None, description="bearer token for the admin endpoints (unset: they are off)")
+    admin_token: str | None = Field(None, description="bearer token for the admin endpoints: update, rollback, review, deletion (unset: they are off)")
+    feedback_token: str | None = Field(None, description="bearer token POST /feedback requires (the admin token also works; unset: feedback is open)")
+    predict_token: str | None = Field(None, description="bearer token the /predict endpoints require (the feedback and admin tokens also work; unset: open)")
+    feedback_rate_per_min: int = Field(120, ge=0, description="POST /feedback per client (IP address) and minute, in bursts of up to as many, per API worker; more get a 429 with Retry-After (0: no limit)")
 
 
 GROUPS: dict[str, type[_Group]] = {

@@ -28,11 +28,18 @@ from scipy.stats import ttest_1samp
 _FLOOR = 1e-6  # probabilities are floored before the log: one 0 must not decide
 
 
+# Why a candidate was refused, machine-readable (one per reason, in the order of ``reasons``):
+# a short fixed list, so metrics can be labelled by it.
+VALIDATION_DROP, TOO_LITTLE_EVIDENCE, NO_EVIDENCE, ANSWERS_WORSE = "validation_drop", "too_little_evidence", "no_evidence", "answers_worse"
+REASON_CODES = (VALIDATION_DROP, TOO_LITTLE_EVIDENCE, NO_EVIDENCE, ANSWERS_WORSE)
+
+
 @dataclass
 class GateVerdict:
     passed: bool
     reasons: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
+    codes: list[str] = field(default_factory=list)  # REASON_CODES, one per entry of ``reasons``
 
     @property
     def summary(self) -> str:
@@ -61,15 +68,19 @@ def evaluate_gate(
         "feedback_accuracy_root": float(root_right.mean()) if n else float("nan"),
         "feedback_accuracy_candidate": float(cand_right.mean()) if n else float("nan"),
     }
-    reasons = []
+    reasons, codes = [], []
     drop = val_accuracy_root - val_accuracy_candidate
     if drop > max_val_drop + 1e-9:  # float noise must not turn "exactly the allowance" into a rejection
         reasons.append(f"validation accuracy fell {drop * 100:.2f} points below the offline-trained head's (allowed {max_val_drop * 100:.2f})")
+        codes.append(VALIDATION_DROP)
     if n < min_items:
         reasons.append(f"too little evidence: {n} feedback items, the gate judges from {min_items}")
+        codes.append(TOO_LITTLE_EVIDENCE)
     elif p > alpha:
         reasons.append(f"no evidence of a gain on feedback: cross-fitted over {n} items, mean log-likelihood gain "
                        f"{m['feedback_log_likelihood_gain']:+.3f} against the offline-trained head (one-sided t-test p={p:.3f}; needs p<={alpha:g})")
+        codes.append(NO_EVIDENCE)
     if lost > won:
         reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {won} and lost {lost} of {n} items")
-    return GateVerdict(not reasons, reasons, m)
+        codes.append(ANSWERS_WORSE)
+    return GateVerdict(not reasons, reasons, m, codes)

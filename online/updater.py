@@ -61,6 +61,7 @@ class UpdateReport:
     left_out_items: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    gate_codes: list[str] = field(default_factory=list)  # why it was refused (online.gate.REASON_CODES); empty when promoted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,7 +206,7 @@ class Updater:
             self.registry.client.set_model_version_tag(self.registry.names["head"], version, "gate_reason", verdict.summary)
         self.feedback.mark([i.id for i in new], USED, used_by_version=version)
         report = UpdateReport(self.task, version, champion.version, promoted, verdict.summary, len(new), len(usable),
-                              left_out, time.time() - started, verdict.metrics)
+                              left_out, time.time() - started, verdict.metrics, list(verdict.codes))
         log.info("online update: %s", report)
         return report
 

@@ -1,5 +1,6 @@
 """The public API service: POST /predict, /predict_batch, /predict_sequence, /feedback, /admin/update, /admin/rollback;
-GET /model, and the web page at / with its data under /ui (``service.web``; Swagger UI at /docs).
+GET /model; DELETE /feedback/{id}, /predictions/{id}; and the web page at / with its data under /ui (``service.web``;
+Swagger UI at /docs). Tokens and the feedback rate limit: ``service.access``.
 
 Endpoints are thin: they read uploads (``service.inputs``), cut regions (``infantino.regions``),
 ask the backbone service for embeddings (adaptive batching happens there), build answers
@@ -33,9 +34,11 @@ from infantino.settings import get_settings, redact
 from online.updater import UpdateReport, Updater
 from registry.store import RegistryError
 from service import metrics, web
+from service.access import AccessGuard
 from service.answers import Served, Snapshot, build_answers
 from service.backbone import BackboneService, unpack_embeddings
 from service.errors import ApiError, answers_errors
+from service.health import ModelHealth
 from service.inputs import Uploads
 from service.middleware import RequestGuard
 from service.models import ChampionFollower
@@ -48,7 +51,7 @@ from store.schema import MAX_ID, MAX_KEY
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
-PREDICTION_RETENTION_PRUNE_S = 300.0  # how often old predictions are deleted
+PREDICTION_RETENTION_PRUNE_S = 300.0  # how often old predictions are deleted, at most (and at least 4 times per retention period)
 
 # GET routes beside BentoML's POST APIs; methods of the service class get `self` (BentoML's class views).
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -58,9 +61,11 @@ web.install(app)  # the page at /, Swagger UI at /docs, static files under /web
 class ServedHead(ChampionFollower):
     """One task's champion head in this worker, with the preprocessing of its backbone."""
 
-    def __init__(self, task: str):
+    def __init__(self, task: str, health: ModelHealth):
         self.served: Served | None = None
+        self.health = health
         super().__init__(SETTINGS, task)
+        health.follow(task, self.source)
 
     def current_head_version(self) -> str | None:
         return self.served.head.version if self.served else None
@@ -71,6 +76,7 @@ class ServedHead(ChampionFollower):
         metrics.SERVED_VERSION.labels(task=self.task, kind="head").set(float(head.version))
         metrics.SERVED_VERSION.labels(task=self.task, kind="backbone").set(float(head.backbone_version))
         log.info("%s: serving head v%s (backbone v%s)", self.task, head.version, head.backbone_version)
+        self.health.head_switched(self.task, head, self.source.registry)  # its training label distribution, once per lineage
 
 
 @bentoml.service(name="infantino", workers=SETTINGS.serving.api_workers, traffic={"timeout": 60})
@@ -84,7 +90,8 @@ class InfantinO:
         self.stores = Stores.open(SETTINGS.storage.database_url)
         self.uploads = Uploads(SETTINGS.limits)
         self.detector = create_detector(SETTINGS.faces.face_detector, SETTINGS.faces.face_model_path)
-        self.heads = {task: ServedHead(task) for task in SETTINGS.models.tasks}
+        self.health = ModelHealth(SETTINGS.models.tasks, self.stores.db.ping, SETTINGS.models.model_poll_s)
+        self.heads = {task: ServedHead(task, self.health) for task in SETTINGS.models.tasks}
         self.recorder = PredictionRecorder(self.stores.predictions)
         self.updaters = {
             task: Updater(SETTINGS.online, heads.source.registry, self.stores.feedback, self.stores.lease,
@@ -95,7 +102,7 @@ class InfantinO:
         self.pruner = Periodic(lambda: self.stores.predictions.prune(retention), min(PREDICTION_RETENTION_PRUNE_S, retention / 4),
                                "prediction-pruner")
         # Background work of this worker, started here and stopped by the shutdown hook.
-        self.background = [*self.heads.values(), self.recorder, *self.updaters.values(), self.pruner]
+        self.background = [self.health, *self.heads.values(), self.recorder, *self.updaters.values(), self.pruner]
         for part in self.background:
             part.start()
 
@@ -129,7 +136,7 @@ class InfantinO:
         return shared_input([served.preprocessing for served in snapshot.values()])
 
     def _on_update(self, report: UpdateReport) -> None:
-        metrics.UPDATES.labels(task=report.task, verdict="promoted" if report.promoted else "rejected").inc()
+        self.health.updated(report)
         if report.promoted:
             self.heads[report.task].watcher.check_now()
 
@@ -186,6 +193,7 @@ class InfantinO:
             return []
         embeddings = await self._embed(snapshot, np.stack([r.array for r in regions]))
         answers, records = await asyncio.to_thread(build_answers, snapshot, embeddings, regions, self.default_task)
+        self.health.predicted(records)
         await self.recorder.record(records)
         return answers
 
@@ -312,7 +320,8 @@ class InfantinO:
             if prediction_id is not None:
                 if image or image_base64 is not None:
                     raise ApiError(400, "ambiguous_feedback", "give either prediction_id or an image, not both")
-                which = await asyncio.to_thread(self.stores.predictions.task_of, prediction_id)
+                answered = await asyncio.to_thread(self.stores.predictions.answered, prediction_id)  # task, label, head version
+                which = answered["task"] if answered else None
                 if which is None or which not in snapshot or asked not in (None, which):
                     raise UnknownPrediction(prediction_id)
                 self._check_label(snapshot[which], which, label)
@@ -336,6 +345,8 @@ class InfantinO:
         depth = await asyncio.to_thread(feedback.depth, which)
         if not duplicate:
             metrics.FEEDBACK.labels(label=label, task=which).inc()
+            if prediction_id is not None:
+                self.health.feedback_on(which, label, answered)  # live accuracy: did it agree with the prediction?
         metrics.QUEUE_DEPTH.labels(task=which).set(depth)
         self.updaters[which].nudge(depth)
         return FeedbackAck(feedback_id=feedback_id, queue_depth=depth, duplicate=duplicate, label=label, task=which)
@@ -360,6 +371,16 @@ class InfantinO:
         return UpdateAnswer(**report.to_dict())
 
     # ---- GET routes -----------------------------------------------------------------------------
+    @app.get("/health/detail")
+    async def health_detail(self) -> JSONResponse:
+        """What /readyz does not say: served versions, the registry and database as this worker last found them
+        (no network call is made to answer), and the label drift; `status` ok, degraded (a dependency down) or not_ready."""
+        served = {task: None if h.served is None else {"head_version": h.served.head.version,
+                                                        "backbone_version": h.served.head.backbone_version}
+                  for task, h in self.heads.items()}
+        detail = self.health.detail(served)
+        return JSONResponse(detail, status_code=200 if detail["ready"] else 503)
+
     @app.get("/model")
     async def model_info(self) -> JSONResponse:
         """Served versions, labels, preprocessing and queue of every task; the default task's at the top level."""
@@ -442,7 +463,39 @@ class InfantinO:
         except ApiError as exc:
             return exc.response()
 
+    # ---- deletion (admin token) ---------------------------------------------------------------------
+    # What a registered head learned from an item stays in that head (and its lineage names the item's id).
+    @app.delete("/feedback/{feedback_id}")
+    async def delete_feedback(self, feedback_id: str, request: Request) -> JSONResponse:
+        """Delete one feedback item with its image and embedding: `{"deleted": 1}`, or 404. Admin token."""
+        try:
+            web.require_admin(self.settings.security.admin_token, request.headers.get("authorization"))
+            deleted = len(feedback_id) <= MAX_ID and await asyncio.to_thread(self.stores.feedback.delete, feedback_id)
+            if not deleted:
+                raise ApiError(404, "unknown_feedback_id", "no feedback item with that id")
+            return JSONResponse({"deleted": 1, "feedback": 1, "predictions": 0})
+        except ApiError as exc:
+            return exc.response()
 
+    @app.delete("/predictions/{prediction_id}")
+    async def delete_prediction(self, prediction_id: str, request: Request) -> JSONResponse:
+        """Delete a prediction with its image, and every feedback item made from it: `{"deleted": n}`, or 404. Admin token."""
+        try:
+            web.require_admin(self.settings.security.admin_token, request.headers.get("authorization"))
+            if len(prediction_id) > MAX_ID:
+                raise ApiError(404, "unknown_prediction_id", "no prediction or feedback with that prediction id")
+            # The prediction first: once it is gone no new feedback can be made from it.
+            predictions = int(await asyncio.to_thread(self.stores.predictions.delete, prediction_id))
+            feedback = await asyncio.to_thread(self.stores.feedback.delete_for_prediction, prediction_id)
+            if not predictions + feedback:
+                raise ApiError(404, "unknown_prediction_id", "no prediction or feedback with that prediction id")
+            return JSONResponse({"deleted": predictions + feedback, "feedback": feedback, "predictions": predictions})
+        except ApiError as exc:
+            return exc.response()
+
+
+# Tokens and the feedback rate limit, checked before any body is read (service/access.py); outside RequestGuard.
+InfantinO.add_asgi_middleware(AccessGuard, security=SETTINGS.security)
 # BentoML reads each API's input before the endpoint runs and answers its own failures there:
 # RequestGuard gives those requests the service's 4xx error shape (see service/middleware.py).
 InfantinO.add_asgi_middleware(RequestGuard, service=InfantinO)

@@ -21,7 +21,35 @@ QUEUE_DEPTH = bentoml.metrics.Gauge("infantino_feedback_queue_depth", "Feedback 
 SERVED_VERSION = bentoml.metrics.Gauge(
     "infantino_served_model_version", "Model version each worker serves.", ["task", "kind"], multiprocess_mode="all"
 )
-UPDATES = bentoml.metrics.Counter("infantino_updates_total", "Online updates run, by gate verdict.", ["task", "verdict"])
+UPDATES = bentoml.metrics.Counter(
+    "infantino_updates_total", "Online updates run, by gate verdict and its first reason (a code of online.gate.REASON_CODES; none when promoted).",
+    ["task", "verdict", "reason"],
+)
+
+# Model health, live (service/health.py keeps the books).
+AGREEMENT = bentoml.metrics.Counter(
+    "infantino_feedback_agreement_total", "Feedback naming a prediction (prediction_id): did its label agree with the prediction, "
+    "by the head version that predicted. Live accuracy = agreed=\"true\" / all.", ["task", "head_version", "agreed"],
+)
+LABEL_DRIFT = bentoml.metrics.Gauge(
+    "infantino_label_drift", "Total-variation distance (0..1) between the labels predicted recently (a window per worker) and the "
+    "training label distribution of the served head.", ["task"], multiprocess_mode="livemax",
+)
+DRIFT_WINDOW = bentoml.metrics.Gauge(
+    "infantino_label_drift_window", "Predictions in the window the label drift is measured on.", ["task"], multiprocess_mode="livemax"
+)
+UPDATE_SECONDS = bentoml.metrics.Histogram(
+    "infantino_update_duration_seconds", "Wall time of an online update (teach, gate, register).", ["task"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+GATE_REFUSALS = bentoml.metrics.Counter(
+    "infantino_gate_refusals_total", "Gate reasons for refused candidates, every reason of each refusal (online.gate.REASON_CODES).",
+    ["task", "reason"],
+)
+DEPENDENCY_UP = bentoml.metrics.Gauge(
+    "infantino_dependency_up", "1 when the last check of a dependency succeeded (registry: the champion poll; database: a ping), by "
+    "worker's worst.", ["dependency", "task"], multiprocess_mode="livemin",
+)
 
 
 # BentoML's request metrics (bentoml_service_request_*) are labelled by the raw request path, so
@@ -58,3 +86,6 @@ def label_requests_by_route(routes: Iterable[str]) -> None:
     """Label BentoML's request metrics by ``routes`` (and the service's API routes); other paths as one."""
     RouteLabelledTrafficMetrics.routes = frozenset(routes)
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledTrafficMetrics
+
+# Access (service/access.py): requests refused before their body is read.
+REFUSED = bentoml.metrics.Counter("infantino_requests_refused_total", "Requests refused by access control, by route and reason (unauthorized, rate_limited).", ["route", "reason"])

@@ -27,7 +27,7 @@ from typing import Callable
 from backbones.runtime import torch_installed
 from infantino.images import Preprocessing
 from infantino.periodic import Periodic
-from infantino.settings import Settings
+from infantino.settings import Settings, redact
 from registry.shipped import (SHIPPED_VERSION, has_shipped, register_shipped, shipped_backbone, shipped_meta, shipped_serving_head,
                               shipped_tags)
 from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags,
@@ -107,14 +107,27 @@ class ModelSource:
     def __init__(self, settings: Settings, task: str | None = None):
         self.settings = settings
         self.registry = ModelRegistry(settings, task=task)
+        # What the champion polls found (for health reports, without asking the registry again):
+        # when one last answered (epoch s), when one last failed, and why (redacted).
+        self.last_ok: float | None = None
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
 
     # What the registry says is champion right now (None when unreachable or empty).
     def champion_head_version(self) -> str | None:
+        from mlflow.exceptions import MlflowException
+
         try:
-            return self.registry.champion_version("head", CHAMPION)
-        except Exception as exc:  # registry outage: keep serving what we have
-            log.warning("registry unreachable (%s); keeping the current models", exc)
-            return None
+            version = str(self.registry.client.get_model_version_by_alias(self.registry.names["head"], CHAMPION).version)
+        except Exception as exc:
+            answered = isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+            if not answered:  # registry outage: keep serving what we have
+                self.last_failure, self.last_error = time.time(), redact(exc)[:300]
+                log.warning("registry unreachable (%s); keeping the current models", self.last_error)
+                return None
+            version = None  # it answered: no such model or alias yet
+        self.last_ok = time.time()
+        return version
 
     def head_backbone_version(self, head_version: str) -> str:
         return self.registry.version_info("head", head_version).tags["backbone_version"]

@@ -99,6 +99,8 @@ class UpdateAnswer(BaseModel):
     left_out_items: int = Field(description="queued items that could not be used (an old backbone's embedding without an image)")
     seconds: float
     metrics: dict[str, float]
+    gate_codes: list[str] = Field(default=[], description="why the gate refused it, machine-readable: validation_drop, "
+                                  "too_little_evidence, no_evidence, answers_worse (empty when promoted)")
 
 
 class RollbackAnswer(BaseModel):

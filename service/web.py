@@ -144,6 +144,9 @@ def status(served: dict[str, Any], feedback, settings: Settings) -> dict:
         "store_images": settings.privacy.store_feedback_images,
         "retention_s": settings.privacy.prediction_retention_s,
         "admin": bool(settings.security.admin_token),
+        # Whether feedback / predictions need a token (service/access.py): the page then asks for one.
+        "feedback_token": bool(settings.security.feedback_token),
+        "predict_token": bool(settings.security.predict_token),
     }
 
 

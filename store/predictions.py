@@ -76,6 +76,13 @@ class PredictionLog:
         with self.db.tx() as conn:
             return conn.execute(sa.select(self.t.c.task).where(self.t.c.prediction_id == prediction_id)).scalar()
 
+    def answered(self, prediction_id: str) -> dict | None:
+        """``{'task', 'label', 'head_version'}`` of a prediction (what it answered, by which head), or None; no blobs read."""
+        t = self.t
+        with self.db.tx() as conn:
+            row = conn.execute(sa.select(t.c.task, t.c.label, t.c.head_version).where(t.c.prediction_id == prediction_id)).first()
+        return None if row is None else dict(row._mapping)
+
     def least_sure(self, task: str, *, limit: int = 24, since: float | None = None, order: str = "margin") -> list[dict]:
         """The predictions of ``task`` the model was least sure of that no feedback names yet: for
         a person to label first (active learning).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from testkit.server import PROJECT_ROOT, free_port
+from testkit.server import PROJECT_ROOT, ServerProcess, free_port
 
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 # No usage reports leave a test or benchmark machine.
@@ -73,7 +72,7 @@ def postgres_databases(*purposes: str, admin_url: str = PG_URL) -> Iterator[dict
         engine.dispose()
 
 
-class MlflowServer:
+class MlflowServer(ServerProcess):
     """``mlflow server`` on ``backend_uri`` (any SQLAlchemy URL), artifacts proxied into ``artifacts_dir``."""
 
     def __init__(self, backend_uri: str, artifacts_dir: str | Path, port: int | None = None, log_path: str | Path | None = None,
@@ -114,20 +113,6 @@ class MlflowServer:
         """The server's tracking URI, with credentials in it if given (MLflow sends them as basic auth)."""
         return self.url if user is None else f"http://{user}:{password}@127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def __enter__(self) -> "MlflowServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 _SERVED = re.compile(r'^infantino_served_model_version\{([^}]*)\} (\S+)$', re.MULTILINE)

@@ -10,10 +10,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from infantino.settings import get_settings
-from testkit.faces import TINY_CLASSES, draw_face, face_arrays, make_image_folder  # noqa: F401  (re-exported to tests)
+from testkit.faces import TINY_CLASSES, draw_face, face_arrays, faces, make_image_folder  # noqa: F401  (re-exported to tests)
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +75,17 @@ def tiny_folder(tmp_path) -> Path:
 @pytest.fixture
 def one_class_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "one_class", classes=("happy",), per_class=4)
+
+
+# ---- over a real server: a module defines its own `server` fixture (a testkit BentoServer) ----------
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's server."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def face_png() -> bytes:
+    """One drawn face, as PNG bytes."""
+    return faces(1, seed=5)[0][0]

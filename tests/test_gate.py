@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from online.gate import evaluate_gate
+from online.gate import ANSWERS_WORSE, NO_EVIDENCE, REASON_CODES, TOO_LITTLE_EVIDENCE, VALIDATION_DROP, evaluate_gate
 
 
 def evidence(n: int, candidate_p: float, root_p: float, candidate_right: float = 0.6, root_right: float = 0.6, seed: int = 0):
@@ -62,3 +62,14 @@ def test_better_calibrated_but_answering_worse_is_rejected():
     verdict = evaluate_gate(0.60, 0.60, cand, root, np.zeros(n, int))
     assert verdict.metrics["feedback_p_value"] < 0.05  # its probabilities are better...
     assert not verdict.passed and "answers worse" in verdict.summary and "won 0 and lost 10" in verdict.summary
+
+
+def test_each_reason_has_a_machine_readable_code_for_metrics():
+    cand, root, y = evidence(120, 0.6, 0.4, candidate_right=0.7, root_right=0.5)
+    assert evaluate_gate(0.60, 0.595, cand, root, y).codes == []
+    assert evaluate_gate(0.60, 0.50, cand, root, y).codes == [VALIDATION_DROP]
+    assert evaluate_gate(0.6, 0.6, cand, cand, y).codes == [NO_EVIDENCE]
+    few = evaluate_gate(0.6, 0.6, *evidence(3, 0.6, 0.4))
+    assert few.codes[0] == TOO_LITTLE_EVIDENCE and len(few.codes) == len(few.reasons)
+    worse = evaluate_gate(0.6, 0.6, *evidence(120, 0.5, 0.5, candidate_right=0.3, root_right=0.8))
+    assert ANSWERS_WORSE in worse.codes and set(worse.codes) <= set(REASON_CODES) and len(worse.codes) == len(worse.reasons)

@@ -18,9 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from testkit.faces import faces
 from testkit.registry import train_tiny_registry
-from testkit.server import BentoServer
+from testkit.server import STILL_MODEL_ENV, BentoServer
 
 pytestmark = pytest.mark.slow
 LABELS = ["happy", "sad", "surprise"]
@@ -34,22 +33,10 @@ def server(tmp_path_factory):
     train_tiny_registry(home, per_class=12, epochs=5)  # what the model learned does not matter here
     env = {
         "INFANTINO_HOME": str(home), "INFANTINO_API_WORKERS": "1", "INFANTINO_MAX_IMAGE_BYTES": "300000",
-        "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
-        "INFANTINO_BATCH_MAX_LATENCY_MS": "60000",  # a loaded 2-core CI machine must queue, not refuse
+        **STILL_MODEL_ENV,
     }
     with BentoServer(env, log_path=home.parent / "serve.log") as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def face_png():
-    return faces(1, seed=5)[0][0]
 
 
 def jpeg(png: bytes) -> bytes:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from testkit.faces import faces, png_bytes
 from testkit.registry import train_tiny_registry
-from testkit.server import BentoServer
+from testkit.server import STILL_MODEL_ENV, BentoServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
@@ -34,22 +34,10 @@ def server(tmp_path_factory):
     env = {
         "INFANTINO_HOME": str(home), "INFANTINO_TASKS": "expression,mouth", "INFANTINO_API_WORKERS": "2", "INFANTINO_MODEL_POLL_S": "0.5",
         "INFANTINO_MAX_IMAGE_BYTES": "300000", "INFANTINO_MAX_IMAGE_PIXELS": "4000000",
-        "INFANTINO_ADMIN_TOKEN": TOKEN, "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
-        "INFANTINO_BATCH_MAX_LATENCY_MS": "60000",  # a loaded 2-core CI machine must queue, not refuse
+        "INFANTINO_ADMIN_TOKEN": TOKEN, **STILL_MODEL_ENV,
     }
     with BentoServer(env, log_path=home.parent / "serve.log") as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def face_png():
-    return faces(1, seed=5)[0][0]
 
 
 def check_prediction(p: dict, labels=("happy", "sad", "surprise")):

@@ -27,8 +27,8 @@ import sqlalchemy as sa
 
 from store import FeedbackItem, IdempotencyConflict, Stores, UnknownPrediction
 from store.schema import STATUSES
+from testkit.scaleout import PG_URL, postgres_error as check_postgres
 
-PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 60
 
@@ -38,15 +38,7 @@ CHILD_TIMEOUT_S = 60
 @pytest.fixture(scope="session")
 def postgres_error() -> str | None:
     """None if PostgreSQL answers, else why not (checked once per session)."""
-    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return None
-    except Exception as e:  # noqa: BLE001 - any failure means "no usable server"
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-    finally:
-        engine.dispose()
+    return check_postgres(PG_URL)
 
 
 @dataclass

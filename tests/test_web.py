@@ -219,25 +219,19 @@ def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from testkit.registry import train_tiny_registry
-    from testkit.server import BentoServer
+    from testkit.server import STILL_MODEL_ENV, BentoServer
 
     home = tmp_path_factory.mktemp("web") / "home"
     train_tiny_registry(home)
     env = {
         "INFANTINO_HOME": str(home), "INFANTINO_FACE_DETECTOR": "haar", "INFANTINO_ADMIN_TOKEN": TOKEN,
-        "INFANTINO_MODEL_POLL_S": "0.5", "INFANTINO_UPDATE_MIN_ITEMS": "100000", "INFANTINO_UPDATE_INTERVAL_S": "100000",
+        "INFANTINO_MODEL_POLL_S": "0.5", **STILL_MODEL_ENV,
         # A lenient gate (one correction of a 22-item validation set moves accuracy by 4.5 points); whatever it
         # decides, the test checks that the page says so (and promotes by hand when it refuses).
-        "INFANTINO_GATE_MAX_VAL_DROP": "1", "INFANTINO_GATE_ALPHA": "1", "INFANTINO_BATCH_MAX_LATENCY_MS": "60000",
+        "INFANTINO_GATE_MAX_VAL_DROP": "1", "INFANTINO_GATE_ALPHA": "1",
     }
     with BentoServer(env, log_path=home.parent / "serve.log") as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 @pytest.mark.slow
@@ -563,4 +557,35 @@ def test_the_review_queue_says_when_image_storage_is_off(browser, server, tmp_pa
         [item] = wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#review-list .review-item"), 30, "the review queue")
         assert item.get_attribute("data-prediction-id") == r.json()["faces"][0]["prediction_id"]
         assert "no picture kept" in item.text and not item.find_elements(By.TAG_NAME, "img")
+        d.get("about:blank")  # close the page's event stream before the server stops
+
+
+@pytest.mark.slow
+def test_with_feedback_and_predict_tokens_the_page_asks_for_one(browser, server, tmp_path):
+    """A service with INFANTINO_PREDICT_TOKEN and INFANTINO_FEEDBACK_TOKEN set: reading a photo from the page
+    asks for a token once (the admin token opens both), and the correction then made is queued."""
+    from selenium.webdriver.common.by import By
+    from testkit.server import BentoServer
+
+    d = browser
+    home = server.env["INFANTINO_HOME"]
+    env = {k: v for k, v in server.env.items() if k.startswith("INFANTINO_")}
+    env.update(INFANTINO_HOME=str(tmp_path / "home"), INFANTINO_TRACKING_URI=f"sqlite:///{home}/mlflow.db",
+               INFANTINO_FEEDBACK_TOKEN="web-feedback-token", INFANTINO_PREDICT_TOKEN="web-predict-token")
+    with BentoServer(env, log_path=tmp_path / "serve.log") as other:
+        status = httpx.get(f"{other.url}/ui/status", timeout=30).json()
+        assert status["feedback_token"] is True and status["predict_token"] is True
+        d.get(f"{other.url}/#live")  # another origin (port): no token remembered
+        wait_for(d, lambda d: text(d, "#queue-expression") == "0", 30, "the header")
+        photo = Image.new("RGB", (600, 450), (30, 30, 30))
+        photo.paste(draw_face(0, 200, np.random.default_rng(3)), (200, 120))
+        (tmp_path / "one.png").write_bytes(png_bytes(photo))
+        d.find_element(By.ID, "upload").send_keys(str(tmp_path / "one.png"))
+        enter_token(d)  # POST /predict answered 401: the page asks, then sends the photo again with the token
+        # Clicked once it is there (boxes are drawn anew with each answer: a stale one is looked up again).
+        wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#boxes .face-box").click() or True, 60, "a box over the photo")
+        wait_for(d, lambda d: d.find_element(By.ID, "correct").get_attribute("open") is not None, 10, "the correction dialog")
+        d.find_element(By.CSS_SELECTOR, "#correct-labels button.label-choice:not(.predicted)").click()
+        wait_for(d, lambda d: text(d, "#queue-expression") == "1", 30, "the correction to be queued (the remembered token)")
+        assert httpx.post(f"{other.url}/feedback", json={"label": LABELS[0], "prediction_id": "x"}, timeout=30).status_code == 401
         d.get("about:blank")  # close the page's event stream before the server stops

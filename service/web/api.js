@@ -1,4 +1,5 @@
-// Talking to the service: JSON in and out, errors as readable messages, the admin token.
+// Talking to the service: JSON in and out, errors as readable messages, the token (admin, or the one
+// feedback or predictions need when the service sets INFANTINO_FEEDBACK_TOKEN / INFANTINO_PREDICT_TOKEN).
 
 const TOKEN_KEY = 'infantino.adminToken';
 
@@ -37,8 +38,8 @@ export async function postJSON(path, data, { token } = {}) {
   }));
 }
 
-export async function postForm(path, form) {
-  return answer(await fetch(path, { method: 'POST', body: form }));
+export async function postForm(path, form, { token = adminToken.get() } = {}) {
+  return answer(await fetch(path, { method: 'POST', headers: headers(token), body: form }));
 }
 
 /** A fresh idempotency key (crypto.randomUUID needs a secure context; getRandomValues does not). */
@@ -48,13 +49,13 @@ export function newKey() {
 }
 
 /** POST /feedback for a prediction; a network failure is retried once with the same key (no duplicate). */
-export async function sendFeedback(predictionId, label) {
+export async function sendFeedback(predictionId, label, { token = adminToken.get() } = {}) {
   const body = { label, prediction_id: predictionId, idempotency_key: newKey() };
   try {
-    return await postJSON('/feedback', body);
+    return await postJSON('/feedback', body, { token });
   } catch (err) {
     if (err instanceof ApiError) throw err;
-    return postJSON('/feedback', body);
+    return postJSON('/feedback', body, { token });
   }
 }
 

@@ -38,7 +38,7 @@ async function choose(prediction, label) {
   buttons.forEach((b) => { b.disabled = true; });
   correct.error.textContent = '';
   try {
-    const ack = await sendFeedback(prediction.prediction_id, label);
+    const ack = await withToken((token) => sendFeedback(prediction.prediction_id, label, { token }), 'send corrections');
     correct.dialog.close('sent');
     if (onDone) onDone(ack, label, prediction);
   } catch (err) {
@@ -74,6 +74,7 @@ const token = {
   dialog: document.getElementById('token-dialog'),
   title: document.getElementById('token-title'),
   text: document.getElementById('token-text'),
+  label: document.getElementById('token-label'),
   input: document.getElementById('token-input'),
   remember: document.getElementById('token-remember'),
   confirm: document.getElementById('token-confirm'),
@@ -86,10 +87,30 @@ token.input.addEventListener('keydown', (event) => {
   }
 });
 
+/**
+ * ``call(token)`` with the remembered token; when the service answers 401 (it wants a token for this:
+ * INFANTINO_FEEDBACK_TOKEN or INFANTINO_PREDICT_TOKEN is set), ask for one and try once more.
+ */
+export async function withToken(call, what) {
+  try {
+    return await call(adminToken.get());
+  } catch (err) {
+    if (!(err instanceof ApiError) || err.status !== 401) throw err;
+    const given = await askToken({
+      title: 'Token needed',
+      text: `This service asks for a token to ${what}: its feedback or predict token, or the admin token.`,
+      label: 'Token (INFANTINO_FEEDBACK_TOKEN, INFANTINO_PREDICT_TOKEN or INFANTINO_ADMIN_TOKEN)',
+    });
+    if (!given) throw err;
+    return call(given);
+  }
+}
+
 /** Ask for the admin token (prefilled when remembered); resolves to the token, or null if cancelled. */
-export function askToken({ title = 'Admin token', text = '', action = 'Continue' } = {}) {
+export function askToken({ title = 'Admin token', text = '', action = 'Continue', label = 'Admin token (INFANTINO_ADMIN_TOKEN)' } = {}) {
   return new Promise((resolve) => {
     token.title.textContent = title;
+    token.label.textContent = label;
     token.text.textContent = text;
     token.confirm.textContent = action;
     token.input.value = adminToken.get();

@@ -2,7 +2,7 @@
 // the video; or one uploaded photo (POST /predict) or clip (POST /predict_sequence).
 
 import { describeError, postForm } from './api.js';
-import { openCorrection } from './dialogs.js';
+import { openCorrection, withToken } from './dialogs.js';
 import { bars, el, percent, setMessage } from './ui.js';
 
 const MAX_SIDE = 640; // frames are sent at most this many pixels a side
@@ -81,10 +81,13 @@ async function loop(mine) {
         form.append('image', blob, 'frame.jpg');
         form.append('faces', 'true');
         form.append('whole_image_if_no_face', 'false');
-        const answer = await postForm('/predict', form);
+        const answer = await withToken((token) => postForm('/predict', form, { token }), 'read photos');
         if (stream === mine && !paused) show(answer, frame, 'live');
       } catch (err) {
-        if (stream === mine) setMessage(view.message, `Frame not read: ${describeError(err)}`, true);
+        if (stream === mine && err.status === 401) {
+          stopCamera(); // no token given: do not ask again at every frame
+          setMessage(view.message, `Camera stopped: ${describeError(err)}`, true);
+        } else if (stream === mine) setMessage(view.message, `Frame not read: ${describeError(err)}`, true);
       }
     }
     const period = 1000 / Number(view.rate.value || 3);
@@ -208,7 +211,7 @@ async function handleUpload(file) {
     const form = new FormData();
     form.append('image', file, file.name);
     form.append('faces', 'true');
-    const answer = await postForm('/predict', form);
+    const answer = await withToken((token) => postForm('/predict', form, { token }), 'read photos');
     // Boxes are in the photo's own pixels (the service turns it upright, as the browser shows it).
     const frame = grab(view.photo, view.photo.naturalWidth, view.photo.naturalHeight);
     frame.boxScale = frame.scale;
@@ -231,7 +234,7 @@ async function handleClip(file) {
     const form = new FormData();
     form.append('video', file, file.name);
     form.append('faces', 'true');
-    const answer = await postForm('/predict_sequence', form);
+    const answer = await withToken((token) => postForm('/predict_sequence', form, { token }), 'read clips');
     const { aggregate } = answer;
     setMessage(view.message, `${answer.frame_count} frames read.`);
     view.clipSummary.replaceChildren(
