@@ -98,7 +98,10 @@ class ModelRegistry:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_uri
-        self.client = MlflowClient(self.tracking_uri)
+        if self.tracking_uri.startswith("sqlite:///"):
+            self.client = _open_sqlite_registry(self.tracking_uri, Path(self.tracking_uri.removeprefix("sqlite:///")))
+        else:
+            self.client = MlflowClient(self.tracking_uri)
         prefix = self.settings.storage.model_prefix
         self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}
         self.experiment_name = f"{prefix}-{self.task}"
@@ -333,6 +336,26 @@ class ModelRegistry:
 
     def has_champion(self) -> bool:
         return self.champion_version("head") is not None
+
+
+def _open_sqlite_registry(uri: str, path: Path) -> MlflowClient:
+    """Open (and on first use create and migrate) the embedded SQLite registry, one process at a time.
+
+    MLflow creates and migrates a new SQLite database on its first use with no lock between
+    processes: the API and backbone workers of a server starting on a fresh home would run the
+    same migrations at once, and one of them fails ("duplicate column name"). An OS file lock
+    beside the database lines them up; afterwards MLflow keeps the opened store for the process.
+    """
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+            return client
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def preprocessing_tags(p: Preprocessing) -> dict[str, str]:

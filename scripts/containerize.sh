@@ -66,8 +66,7 @@ if [ "$BASE" = registry ]; then
   # a thin layer on the registry image: UV_NO_CACHE (without BuildKit, buildah, BentoML's cache
   # mount is not used and uv's cache would stay in the image), and this machine's CA certificates
   # if it has extra ones (downloads through a re-signing proxy: the image build must trust it too)
-  base_image=localhost/infantino-base:${REGISTRY_BASE_IMAGE##*/}
-  base_image=${base_image/:python:/:python}
+  base_image=localhost/infantino-base:registry-$(printf '%s' "${REGISTRY_BASE_IMAGE##*/}" | tr -c 'A-Za-z0-9_.-' '-')
   log "$REGISTRY_BASE_IMAGE + UV_NO_CACHE (+ this machine's CA certificates) -> $base_image"
   mkdir "$work/ca"
   cp /usr/local/share/ca-certificates/*.crt "$work/ca/" 2>/dev/null || true
@@ -81,6 +80,7 @@ CONTAINERFILE
   buildah bud -q --isolation chroot -t "$base_image" "$work/ca" >/dev/null
 else
   log "local base image from Debian packages: $LOCAL_BASE_IMAGE"
+  podman image exists "$LOCAL_BASE_IMAGE" && base_built_now=false
   scripts/base-image.sh "$LOCAL_BASE_IMAGE"
   base_image=$LOCAL_BASE_IMAGE
 fi
@@ -124,6 +124,16 @@ podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
 podman volume create "$VOLUME" >/dev/null
 home=$(podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$image" | sed -n 's/^INFANTINO_HOME=//p')
 home=${home:-/home/bentoml/infantino}
+wait_ready() {  # until /readyz answers 200; fails at once if the container stops, or after 600 s
+  local start=$SECONDS
+  until "$BIN/python" scripts/container_check.py ready "$url" 5 >/dev/null 2>&1; do
+    if [ "$(podman inspect --format '{{.State.Running}}' "$container" 2>/dev/null)" != true ] || [ $((SECONDS - start)) -gt 600 ]; then
+      echo "the container stopped or never became ready; its log:" >&2
+      podman logs --tail 40 "$container" >&2
+      return 1
+    fi
+  done
+}
 run() {  # the way to run it: non-root image user, state on the volume, URLs from the environment
   podman run -d --runtime "$PODMAN_RUNTIME" "${ULIMITS[@]}" -p "127.0.0.1:$port:3000" \
     -v "$VOLUME:$home" -e INFANTINO_ADMIN_TOKEN="$TOKEN" \
@@ -134,8 +144,9 @@ init_seconds=0
 if [ "${INIT_REGISTRY:-1}" = 1 ] && [ -z "${INFANTINO_TRACKING_URI:-}" ]; then
   # One-shot init of the embedded MLflow registry (SQLite) on the fresh volume, before serving.
   # Without it, on a fresh volume the API process and the backbone process both create the
-  # MLflow database at once and one of them can fail its alembic migration ("Online migration
-  # expected to match one row"), which stops the server: seen here on the first run.
+  # MLflow database at once and one of them fails its alembic migration ("Online migration
+  # expected to match one row", or "duplicate column name: step"), which stops the server:
+  # seen on 4 of 4 fresh volumes here (a race in the service's registry start-up, not the image).
   log "init the embedded registry on the volume"
   t0=$(now)
   podman run --rm --runtime "$PODMAN_RUNTIME" "${ULIMITS[@]}" -v "$VOLUME:$home" --entrypoint python "$image" \
@@ -145,7 +156,7 @@ fi
 log "podman run on $url (volume $VOLUME at $home)"
 t0=$(now)
 container=$(run)
-"$BIN/python" scripts/container_check.py ready "$url" 600 >/dev/null || { podman logs --tail 50 "$container" >&2; exit 1; }
+wait_ready || exit 1
 cold_start=$(echo "$(now) - $t0" | bc)
 echo "ready after $cold_start s" >&2
 user=$(podman exec "$container" id)
@@ -161,7 +172,7 @@ podman stop -t 20 "$container" >/dev/null && podman rm "$container" >/dev/null
 log "restart on the same volume"
 t0=$(now)
 container=$(run)
-"$BIN/python" scripts/container_check.py ready "$url" 600 >/dev/null || { podman logs --tail 50 "$container" >&2; exit 1; }
+wait_ready || exit 1
 warm_start=$(echo "$(now) - $t0" | bc)
 "$BIN/python" scripts/container_check.py model "$url" > "$work/model_after.json"
 podman stop -t 20 "$container" >/dev/null && podman rm "$container" >/dev/null
@@ -170,7 +181,7 @@ container=""
 # ---- 5. the record ------------------------------------------------------------------------------
 "$BIN/python" - "$OUT" "$work" <<PY
 import json, platform, sys, time
-null = None
+null, true, false = None, True, False
 w = sys.argv[2]
 load = lambda name: json.load(open(f"{w}/{name}.json"))
 predict, online = load("predict"), load("online")
@@ -184,6 +195,7 @@ record = {
     "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores (shared), podman runtime $PODMAN_RUNTIME",
     "base": "$BASE", "base_image": "$base_image", "base_image_mb": float("$(mb "$base_image")"),
     "base_image_seconds": $base_seconds and round($base_seconds, 1),
+    "base_image_built_now": ${base_built_now:-true} if "$BASE" != "reused" else False,
     "bento": "$bento", "bento_build_seconds": $bento_seconds and round($bento_seconds, 1),
     "image": "$image", "image_mb": float("$(mb "$image")"), "containerize_seconds": $build_seconds and round($build_seconds, 1),
     "registry_init_seconds": round($init_seconds, 1),

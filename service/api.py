@@ -365,7 +365,10 @@ class InfantinO:
         """
         web.require_admin(self.settings.security.admin_token, ctx.request.headers.get("authorization"))
         which = self._task(task)
-        report = await asyncio.to_thread(self.updaters[which].run_once, True)
+        try:
+            report = await asyncio.to_thread(self.updaters[which].run_once, True)
+        except RegistryError as exc:  # e.g. an empty registry: no champion to teach
+            raise ApiError(409, "update_not_possible", redact(exc)[:300]) from None
         if report is None:
             raise ApiError(409, "update_not_run", f"no queued {which} feedback, or another worker holds the update lease")
         return UpdateAnswer(**report.to_dict())

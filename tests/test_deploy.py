@@ -82,3 +82,22 @@ def test_an_unreachable_registry_serves_the_shipped_files(tmp_path, monkeypatch)
     probs = follower.head.model.predict_proba(embed_images(backbone.model, x, prep))
     assert probs.shape == (3, len(FER_CLASSES)) and np.allclose(probs.sum(1), 1, atol=1e-5)
     follower.stop()
+
+
+def test_processes_opening_a_fresh_embedded_registry_together_all_succeed(tmp_path):
+    """The API and backbone workers of a fresh server open the SQLite registry at once: MLflow
+    migrates a new database on first use, and without the lock one of them failed."""
+    import subprocess
+    import sys
+
+    from testkit.server import PROJECT_ROOT
+
+    code = ("from infantino.settings import Settings; from registry.store import ModelRegistry; "
+            "r = ModelRegistry(Settings()); print(r.champion_version('head'))")
+    env = {**__import__("os").environ, "INFANTINO_HOME": str(tmp_path / "home")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "None"  # an empty registry, opened without error
