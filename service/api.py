@@ -42,6 +42,7 @@ from service.health import ModelHealth
 from service.inputs import Uploads
 from service.middleware import RequestGuard
 from service.models import ChampionFollower
+from service.process import stop_with_server
 from service.recorder import PredictionRecorder
 from service.schemas import (Answer, BatchAnswer, Clip, FacesAnswer, FeedbackAck, Frame, ItemError, RollbackAnswer, SequenceAnswer,
                              UpdateAnswer)
@@ -51,6 +52,7 @@ from store.schema import MAX_ID, MAX_KEY
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
+stop_with_server()  # a worker imports this module: it ends when its server does (service/process.py)
 PREDICTION_RETENTION_PRUNE_S = 300.0  # how often old predictions are deleted, at most (and at least 4 times per retention period)
 
 # GET routes beside BentoML's POST APIs; methods of the service class get `self` (BentoML's class views).

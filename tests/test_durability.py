@@ -140,9 +140,6 @@ def test_workers_stop_when_the_server_gets_sigterm(registry_home):
         kill_leftovers(again_procs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16 point 7: circus (BentoML's supervisor) starts every worker with os.setsid(), so killpg(server, SIGKILL) "
-    "kills only the main process; the API and backbone workers live on, reparented to pid 1, still serving the port"))
 def test_killing_the_process_group_leaves_nothing_listening(registry_home):
     srv, procs = start_two_workers(registry_home, log_name="serve-killpg.log")
     try:
