@@ -148,9 +148,11 @@ def shared_input(preps: "list[Preprocessing]") -> Preprocessing:
     """One input array for several models (one per task): the largest size, colour unless all are grey.
 
     Each model then takes what it needs with :func:`fit_input`; with a single task, or tasks
-    that agree, that is the array itself and nothing is resized twice.
+    that agree, that is the array itself and nothing is resized twice. Faces are framed as the
+    first model (the default task's) was trained: its ``face_margin``.
     """
-    return Preprocessing(input_size=max(p.input_size for p in preps), grayscale=all(p.grayscale for p in preps))
+    return Preprocessing(input_size=max(p.input_size for p in preps), grayscale=all(p.grayscale for p in preps),
+                         face_margin=preps[0].face_margin)
 
 
 def fit_input(batch_uint8: np.ndarray, prep: Preprocessing) -> np.ndarray:
