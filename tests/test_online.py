@@ -23,7 +23,10 @@ from testkit.server import PROJECT_ROOT, BentoServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "online-test-token"
-ALLOWED_DROP = 0.05  # 1 item in ~45: the tiny validation set cannot resolve the default 1 point
+# One item of the 45 validation faces (2.2 points): the tiny validation set cannot resolve the default
+# 1 point. It was 0.05 (two items): a consistent poison that cost two validation items then passed the
+# gate, whose only defence against consistent poison is this allowance (cross-fitted feedback agrees with itself).
+ALLOWED_DROP = 0.025
 
 
 @pytest.fixture(scope="module")
