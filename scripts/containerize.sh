@@ -140,19 +140,8 @@ run() {  # the way to run it: non-root image user, state on the volume, URLs fro
     ${INFANTINO_TRACKING_URI:+-e INFANTINO_TRACKING_URI} ${INFANTINO_QUEUE_URL:+-e INFANTINO_QUEUE_URL} \
     "$image" serve
 }
-init_seconds=0
-if [ "${INIT_REGISTRY:-1}" = 1 ] && [ -z "${INFANTINO_TRACKING_URI:-}" ]; then
-  # One-shot init of the embedded MLflow registry (SQLite) on the fresh volume, before serving.
-  # Without it, on a fresh volume the API process and the backbone process both create the
-  # MLflow database at once and one of them fails its alembic migration ("Online migration
-  # expected to match one row", or "duplicate column name: step"), which stops the server:
-  # seen on 4 of 4 fresh volumes here (a race in the service's registry start-up, not the image).
-  log "init the embedded registry on the volume"
-  t0=$(now)
-  podman run --rm --runtime "$PODMAN_RUNTIME" "${ULIMITS[@]}" -v "$VOLUME:$home" --entrypoint python "$image" \
-    -c 'import os, mlflow; mlflow.MlflowClient("sqlite:///" + os.environ["INFANTINO_HOME"] + "/mlflow.db").search_experiments()' >/dev/null 2>&1
-  init_seconds=$(echo "$(now) - $t0" | bc)
-fi
+# No registry init step: the service opens its embedded SQLite registry under a file lock
+# (registry/store.py), so its processes no longer race on MLflow's migrations on a fresh volume.
 log "podman run on $url (volume $VOLUME at $home)"
 t0=$(now)
 container=$(run)
@@ -198,8 +187,6 @@ record = {
     "base_image_built_now": ${base_built_now:-true} if "$BASE" != "reused" else False,
     "bento": "$bento", "bento_build_seconds": $bento_seconds and round($bento_seconds, 1),
     "image": "$image", "image_mb": float("$(mb "$image")"), "containerize_seconds": $build_seconds and round($build_seconds, 1),
-    "registry_init_seconds": round($init_seconds, 1),
-    "registry_init_note": "one-shot container creating the empty MLflow SQLite database on the fresh volume before the first start (INIT_REGISTRY=0 skips it: then both service processes create it at once, and one can fail its migration)",
     "tracking_uri": "${INFANTINO_TRACKING_URI:-}" or "embedded (SQLite on the state volume)",
     "cold_start_seconds": round($cold_start, 2),
     "cold_start_note": "from podman run to the first /readyz 200, on a fresh (empty) state volume",
