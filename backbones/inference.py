@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from backbones.model import EmbeddingNet
+from backbones.views import augmented_views
 from infantino import EMBEDDING_DIM
 from infantino.images import Preprocessing, normalise
 
@@ -34,13 +35,11 @@ def embed_images(
 
     ``transform`` changes each normalised batch first (e.g. the lower-face occlusion of the
     masked-face evaluation); ``tta`` averages each embedding over test-time views
-    (backbones.runtime.TTA_MODES), as the service does with INFANTINO_TTA.
+    (backbones.views.TTA_MODES), as the service does with INFANTINO_TTA.
     """
     from tqdm.auto import tqdm
 
     if tta != "none":
-        from backbones.runtime import augmented_views
-
         views = [embed_images(model, np.ascontiguousarray(v), prep, batch_size, transform, progress)
                  for v in augmented_views(x_uint8, tta)]
         return np.mean(views, axis=0)

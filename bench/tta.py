@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.tta        # ~5 minutes on 2 CPU cores
 
 Accuracy: the shipped model on the FER2013 validation split it was trained with (stratified
-10%, seed 0), each embedding averaged over the mode's views (backbones.runtime.augmented_views),
+10%, seed 0), each embedding averaged over the mode's views (backbones.views.augmented_views),
 scored by the shipped head. Latency: the served runner (ONNX Runtime on this CPU,
 backbones.runtime.create_runner wrapped by with_tta) on one image and on a batch of 32, the
 median of repeated calls. The serving default stays `none` unless a mode's gain is worth its cost.
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from backbones.inference import embed_images
-from backbones.runtime import TTA_MODES, create_runner, with_tta
+from backbones.runtime import create_runner, with_tta
+from backbones.views import TTA_MODES
 from bench.common import DATA, FER_CLASSES, bootstrap_home, write_result
 from infantino.settings import Settings
 from registry.store import CHAMPION, ModelRegistry

@@ -54,3 +54,25 @@ def test_unknown_runtime_is_refused(monkeypatch):
         Settings()
     with pytest.raises(ValueError, match="runtime"):
         runtime.create_runner(Preprocessing(), "tensorrt", model=create_backbone("test_efficientnet", 3))
+
+
+def test_test_time_views_and_their_mean():
+    """flip: the image and its mirror; flip+shift: 10 views; with_tta averages the runner over them."""
+    from backbones.runtime import with_tta
+    from backbones.views import augmented_views
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert len(augmented_views(images, "none")) == 1
+    flip = augmented_views(images, "flip")
+    assert len(flip) == 2 and np.array_equal(flip[1], images[:, :, ::-1])
+    views = augmented_views(images, "flip+shift")
+    assert len(views) == 10 and all(v.shape == images.shape for v in views)
+    with pytest.raises(ValueError, match="none"):
+        augmented_views(images, "rotate")
+
+    def run(x):  # a stand-in runner: the mean pixel of each image, as a 1-d "embedding"
+        return x.reshape(len(x), -1).mean(1, keepdims=True).astype(np.float32)
+
+    expected = np.mean([run(v) for v in views], axis=0)
+    assert np.allclose(with_tta(run, "flip+shift")(images), expected)
+    assert with_tta(run, "none") is run
