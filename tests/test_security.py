@@ -180,6 +180,9 @@ def test_delete_prediction_removes_it_its_image_and_its_feedback(client, face_pn
                 404, "unknown_prediction_id")
 
 
+PRUNE_SLACK_S = 8.0
+
+
 @pytest.mark.slow
 def test_prediction_log_stays_bounded_under_steady_predict_traffic(client, server, face_png, stores):
     """Steady /predict traffic for a while: the rows kept never exceed what the retention (plus one
@@ -206,7 +209,8 @@ def test_prediction_log_stays_bounded_under_steady_predict_traffic(client, serve
         while time.time() - started < 20:
             time.sleep(1.0)
             now = time.time()
-            allowed = before + sum(1 for t in list(made) if t > now - (RETENTION_S + RETENTION_S / 4 + 3.0))
+            # slack: a loaded 2-core CI machine delays the pruner's DELETE by seconds (seen: over 3 s)
+            allowed = before + sum(1 for t in list(made) if t > now - (RETENTION_S + RETENTION_S / 4 + PRUNE_SLACK_S))
             samples.append((stores.predictions.count(), allowed))
     finally:
         stop.set()
