@@ -29,8 +29,9 @@ resized onto a noisy background; the same bytes go to every measurement.
    b) a plain Flask app (bench.flask_baseline), one model call per request.
 
 Everything is also given relative to the limit (throughput / limit, latency - raw single-image
-latency), with the goals: at 16 clients InfantinO >= 80 % of the limit and >= 2x mlflow serve;
-at 1 client InfantinO's p50 latency within 10 ms of the raw single-image p50.
+latency), with issue 17's goals: at 16 clients InfantinO >= 60 % of the limit, >= 4x mlflow serve,
+p99 <= 2x p50 and no errors; at 1 client its p50 within 4 ms of the raw single-image p50; its cold
+start (to ready) and resident memory per process reported.
 
 Writes bench/results/serve.json (bench/common.write_result; serve_quick.json with --quick) and
 prints a Markdown table. The load generator runs on the same machine as the servers, so it takes
@@ -402,17 +403,19 @@ def run_level(t: Target, clients: int, duration: float, warmup: float, scrape=No
 
 # ---- BentoML /metrics ---------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^bentoml_service_adaptive_batch_size_(bucket|sum|count)\{([^}]*)\}\s+(\S+)', re.M)
+# the backbone service's adaptive batches, or the API worker's own (INFANTINO_BACKBONE_PLACEMENT=inline)
+_SAMPLE = re.compile(r'^(bentoml_service_adaptive_batch_size|infantino_inline_batch_size)_(bucket|sum|count)(?:\{([^}]*)\})?\s+(\S+)', re.M)
 
 
 def scrape_batch_histogram(url: str) -> dict:
-    """Sum over every series of the histogram with method_name="embed": {'sum', 'count', 'buckets': {le: cum}}."""
+    """Sum over every series of the backbone's batch-size histogram (BentoML's with method_name="embed", or
+    the inline one): {'sum', 'count', 'buckets': {le: cum}}."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
     h = {"sum": 0.0, "count": 0.0, "buckets": {}}
-    for kind, labels, value in _SAMPLE.findall(text):
-        if 'method_name="embed"' not in labels:
+    for metric, kind, labels, value in _SAMPLE.findall(text):
+        if metric.startswith("bentoml") and 'method_name="embed"' not in labels:
             continue
         if kind == "bucket":
             le = re.search(r'le="([^"]+)"', labels).group(1)
@@ -566,9 +569,27 @@ def bench_infantino(home: Path, work: Path, photos, expected, levels, args) -> d
         out["check"] = check_target(target, expected)
         for c in levels:
             out[f"c{c}"] = run_level(target, c, args.duration, args.warmup, scrape=lambda: scrape_batch_histogram(srv.url))
+        out["processes"] = resident_memory(srv.proc.pid)
     finally:
         srv.stop()
     return out
+
+
+def resident_memory(pid: int) -> dict:
+    """Resident memory (MB) of a server's process tree after the load: each process, and their sum."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            cmd = " ".join(proc.cmdline())
+            args = proc.cmdline()
+            role = args[args.index("--service-name") + 1] if "--service-name" in args else ("supervisor" if proc is root else "other")
+            procs.append({"pid": proc.pid, "rss_mb": round(proc.memory_info().rss / 2**20, 1), "role": role, "cmd": cmd[:160]})
+        except psutil.Error:
+            continue
+    return {"each": procs, "total_rss_mb": round(sum(p["rss_mb"] for p in procs), 1), "count": len(procs)}
 
 
 def bench_mlflow(home: Path, work: Path, photos, expected, levels, args) -> dict:
@@ -650,14 +671,25 @@ def relative(result: dict) -> None:
             return None
 
     inf16, ml16, inf1 = get("infantino", "c16", "throughput_rps"), get("mlflow", "c16", "throughput_rps"), get("infantino", "c1", "p50_ms")
+    p50_16, p99_16, err16 = get("infantino", "c16", "p50_ms"), get("infantino", "c16", "p99_ms"), get("infantino", "c16", "errors")
+    # Issue 17's goals (the first round's, issue 7, were 80% of the limit and 2x mlflow serve).
     if inf16 is not None:
-        goals["c16_throughput_>=80%_of_limit"] = {
-            "met": inf16 >= 0.8 * limit, "infantino_rps": inf16, "limit_images_per_s": limit, "fraction": inf16 / limit}
+        goals["c16_throughput_>=60%_of_limit"] = {
+            "met": inf16 >= 0.6 * limit, "infantino_rps": inf16, "limit_images_per_s": limit, "fraction": inf16 / limit}
     if inf16 is not None and ml16:
-        goals["c16_throughput_>=2x_mlflow_serve"] = {"met": inf16 >= 2 * ml16, "infantino_rps": inf16, "mlflow_rps": ml16, "ratio": inf16 / ml16}
+        goals["c16_throughput_>=4x_mlflow_serve"] = {"met": inf16 >= 4 * ml16, "infantino_rps": inf16, "mlflow_rps": ml16, "ratio": inf16 / ml16}
+    if p99_16 is not None:
+        goals["c16_p99_<=2x_p50_and_no_errors"] = {"met": p99_16 <= 2 * p50_16 and err16 == 0, "p50_ms": p50_16, "p99_ms": p99_16,
+                                                   "ratio": p99_16 / p50_16, "errors": err16}
     if inf1 is not None:
-        goals["c1_p50_within_10ms_of_raw_single"] = {
-            "met": inf1 - single <= 10, "infantino_p50_ms": inf1, "raw_single_p50_ms": single, "difference_ms": inf1 - single}
+        goals["c1_p50_within_4ms_of_raw_single"] = {
+            "met": inf1 - single <= 4, "infantino_p50_ms": inf1, "raw_single_p50_ms": single, "difference_ms": inf1 - single}
+    start, mem = http.get("infantino", {}).get("startup_s"), http.get("infantino", {}).get("processes")
+    if start is not None:
+        goals["cold_start_and_memory_reported"] = {
+            "met": None, "startup_s": start, "total_rss_mb": mem and mem["total_rss_mb"], "processes": mem and mem["count"],
+            "note": "issue 17 asks for half of the first round's: compare with a run of INFANTINO_BACKBONE_PLACEMENT=service in the "
+                    "same minutes (README); the first round measured no memory, and its 8.1 s start was on a faster moment of this machine"}
     result["goals"] = goals
     # What batching can buy at most here: a server that runs each request alone can reach the raw
     # single-image rate; one that batches perfectly, the limit. (Both ignore HTTP and parallel decoding.)
@@ -713,7 +745,7 @@ def markdown(result: dict) -> str:
     lines.append("")
     for name, g in result["goals"].items():
         nums = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in g.items() if k != "met")
-        lines.append(f"- {name}: **{'met' if g['met'] else 'not met'}** ({nums})")
+        lines.append(f"- {name}: **{'reported' if g['met'] is None else 'met' if g['met'] else 'not met'}** ({nums})")
     return "\n".join(lines)
 
 

@@ -8,9 +8,21 @@ MLP's internals.
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+# Heads are stored with skops, which asks scikit-learn for all its estimators when first
+# imported; scikit-learn 1.9 finds them by importing every sub-package, including its array-API
+# shim for torch, which imports torch although no head ever touches a tensor. In a serving
+# process that runs the backbone on ONNX Runtime that import alone cost 7 of the first head
+# load's 10 s and 630 MB of the API worker's 1.2 GB (measured here). So, unless torch is already
+# loaded, the shim is marked unavailable (the walk skips a package that fails to import);
+# a process that needs torch still imports it as usual.
+_SKLEARN_TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
+if "torch" not in sys.modules:
+    sys.modules.setdefault(_SKLEARN_TORCH_SHIM, None)
 
 from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead

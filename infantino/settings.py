@@ -36,6 +36,8 @@ class StorageSettings(_Group):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; `MLFLOW_TRACKING_URI` also works (default: SQLite under the home)")
     queue_url: str | None = Field(None, description="feedback store: any SQLAlchemy URL, e.g. `postgresql://user@host/db` (default: SQLite under the home)")
     model_prefix: str = Field("infantino", description="registered models are named `<prefix>-<task>-backbone` and `-head`")
+    registry_timeout_s: float = Field(10.0, gt=0, description="serving: seconds an MLflow tracking server may take to answer one call (MLflow's own default is 120)")
+    registry_retries: int = Field(1, ge=0, description="serving: retries of a failed MLflow call (MLflow's own default is 7, with backoff)")
 
     @property
     def registry_uri(self) -> str:
@@ -99,6 +101,9 @@ class ServingSettings(_Group):
     """Processes, threads and adaptive batching."""
 
     api_workers: int = Field(1, ge=1, description="API worker processes")
+    backbone_placement: str = Field("auto", pattern="^(auto|inline|service)$",
+                                    description="where the backbone runs: `inline` in each API worker (no inter-service hop; concurrent requests share one model call), `service` in the batched backbone service (for GPUs and large models); `auto`: inline on a CPU, the service where a GPU may be present or with `INFANTINO_BACKBONE_RUNTIME=torch`")
+    inline_batch_wait_ms: float = Field(0.0, ge=0, description="inline placement: how long a model call that is free waits for more requests to join it (a busy model batches whatever arrived meanwhile anyway)")
     torch_threads: int = Field(0, ge=0, description="threads of the backbone runtime (0: the runtime's default, all cores)")
     batch_max_size: int = Field(32, ge=1, description="adaptive batching: largest batch")
     # A cap, not a wait: BentoML answers 503 to requests it cannot serve within it.
@@ -117,7 +122,9 @@ class OnlineSettings(_Group):
     gate_alpha: float = Field(0.05, gt=0, le=1, description="the gate promotes only when a one-sided test on cross-fitted feedback finds a gain at this level")
     gate_folds: int = Field(5, ge=2, description="folds of the gate's cross-fitting over all feedback")
     gate_min_items: int = Field(20, ge=2, description="feedback items the gate needs before it can promote anything")
-    lease_ttl_s: float = Field(120.0, gt=0, description="how long an update lease lasts without renewal")
+    shadow_challenger: bool = Field(True, description="score the newest challenger (a refused candidate) on live traffic without serving it: its agreement with the champion and with feedback in /metrics and /health/detail")
+    gate_max_unproven_promotions: int = Field(3, ge=0, description="promotions in a row allowed without a gain over the champion on items it was not taught (then the gate waits for one)")
+    lease_ttl_s: float = Field(20.0, gt=0, description="how long an update lease lasts without renewal (the updater renews it every quarter of this while it works): a killed worker blocks updates this long at most")
 
 
 class PrivacySettings(_Group):

@@ -15,6 +15,14 @@ It is promoted only when both hold:
     ``min_items`` items (a t-test on three items says little about the next hundred);
     using every item (instead of a held-out fifth) is what gives the test its power.
 
+(c) **A bound on promotions without a gain over the champion.** Every candidate is judged
+    against the root, so once the champion has learned something (say, a consistent mislabel
+    that agrees with itself), each later candidate passes (b) again on the same grounds and is
+    promoted, with nothing new learned. So the candidate is also compared with the *champion*
+    on the items the champion was never taught (held out from it, cross-fitted for the
+    candidate), by the same test. A promotion without such a gain is "unproven"; after
+    ``max_unproven`` of them in a row the gate refuses until a candidate shows one.
+
 ``evaluate_gate`` is a pure function of the numbers; ``online.updater`` produces them.
 """
 
@@ -31,7 +39,8 @@ _FLOOR = 1e-6  # probabilities are floored before the log: one 0 must not decide
 # Why a candidate was refused, machine-readable (one per reason, in the order of ``reasons``):
 # a short fixed list, so metrics can be labelled by it.
 VALIDATION_DROP, TOO_LITTLE_EVIDENCE, NO_EVIDENCE, ANSWERS_WORSE = "validation_drop", "too_little_evidence", "no_evidence", "answers_worse"
-REASON_CODES = (VALIDATION_DROP, TOO_LITTLE_EVIDENCE, NO_EVIDENCE, ANSWERS_WORSE)
+NO_GAIN_OVER_CHAMPION = "no_gain_over_champion"
+REASON_CODES = (VALIDATION_DROP, TOO_LITTLE_EVIDENCE, NO_EVIDENCE, ANSWERS_WORSE, NO_GAIN_OVER_CHAMPION)
 
 
 @dataclass
@@ -41,32 +50,60 @@ class GateVerdict:
     metrics: dict[str, float] = field(default_factory=dict)
     codes: list[str] = field(default_factory=list)  # REASON_CODES, one per entry of ``reasons``
 
+    unproven_promotions: int = 0  # promotions in a row without a gain over the champion, this one included when it passes
+
     @property
     def summary(self) -> str:
         return ("passed" if self.passed else "rejected") + (": " + "; ".join(self.reasons) if self.reasons else "")
 
 
+@dataclass
+class PairedEvidence:
+    """Two models' answers on the same items: is the first one better?"""
+
+    n: int
+    won: int  # items the first gets right and the second wrong
+    lost: int
+    mean_gain: float  # mean log-probability gain on the true label (nan without items)
+    p_value: float  # one-sided paired t-test of "no better"
+    accuracy_first: float
+    accuracy_second: float
+
+    def shows_gain(self, alpha: float) -> bool:
+        return self.p_value <= alpha and self.won >= self.lost
+
+
+def paired_evidence(first_proba: np.ndarray, second_proba: np.ndarray, labels: np.ndarray) -> PairedEvidence:
+    labels = np.asarray(labels, int)
+    n = len(labels)
+    if n == 0:
+        return PairedEvidence(0, 0, 0, float("nan"), 1.0, float("nan"), float("nan"))
+    first_proba, second_proba = np.asarray(first_proba), np.asarray(second_proba)
+    rows = np.arange(n)
+    first_right, second_right = first_proba.argmax(1) == labels, second_proba.argmax(1) == labels
+    gain = np.log(np.maximum(first_proba[rows, labels], _FLOOR)) - np.log(np.maximum(second_proba[rows, labels], _FLOOR))
+    p = float(ttest_1samp(gain, 0.0, alternative="greater").pvalue) if n >= 2 and np.std(gain) > 0 else 1.0
+    return PairedEvidence(n, int(np.sum(first_right & ~second_right)), int(np.sum(second_right & ~first_right)), float(gain.mean()), p,
+                          float(first_right.mean()), float(second_right.mean()))
+
+
 def evaluate_gate(
     val_accuracy_root: float, val_accuracy_candidate: float, candidate_proba: np.ndarray, root_proba: np.ndarray,
     labels: np.ndarray, max_val_drop: float = 0.01, alpha: float = 0.05, min_items: int = 20,
+    over_champion: PairedEvidence | None = None, unproven_before: int = 0, max_unproven: int | None = None,
 ) -> GateVerdict:
     """``candidate_proba``/``root_proba``: (N, classes) probabilities of the cross-fitted candidate
-    and of the root for the N feedback items; ``labels``: their class indices."""
-    labels = np.asarray(labels, int)
-    n = len(labels)
-    rows = np.arange(n)
-    cand_right = np.asarray(candidate_proba).argmax(1) == labels if n else np.zeros(0, bool)
-    root_right = np.asarray(root_proba).argmax(1) == labels if n else np.zeros(0, bool)
-    won, lost = int(np.sum(cand_right & ~root_right)), int(np.sum(root_right & ~cand_right))
-    gain = (np.log(np.maximum(np.asarray(candidate_proba)[rows, labels], _FLOOR))
-            - np.log(np.maximum(np.asarray(root_proba)[rows, labels], _FLOOR))) if n else np.zeros(0)
-    p = float(ttest_1samp(gain, 0.0, alternative="greater").pvalue) if n >= 2 and np.std(gain) > 0 else 1.0
+    and of the root for the N feedback items; ``labels``: their class indices.
+    ``over_champion``: the candidate against the champion on the items the champion was not taught
+    (None when the champion is the root: then (b) is that comparison); ``unproven_before``: the
+    champion's count of promotions in a row without such a gain; ``max_unproven``: the bound (None: none)."""
+    ev = paired_evidence(candidate_proba, root_proba, labels)
+    n = ev.n
     m = {
         "val_accuracy_root": val_accuracy_root, "val_accuracy_candidate": val_accuracy_candidate,
-        "feedback_items": float(n), "feedback_won": float(won), "feedback_lost": float(lost),
-        "feedback_log_likelihood_gain": float(gain.mean()) if n else float("nan"), "feedback_p_value": p,
-        "feedback_accuracy_root": float(root_right.mean()) if n else float("nan"),
-        "feedback_accuracy_candidate": float(cand_right.mean()) if n else float("nan"),
+        "feedback_items": float(n), "feedback_won": float(ev.won), "feedback_lost": float(ev.lost),
+        "feedback_log_likelihood_gain": ev.mean_gain, "feedback_p_value": ev.p_value,
+        "feedback_accuracy_root": ev.accuracy_second, "feedback_accuracy_candidate": ev.accuracy_first,
     }
     reasons, codes = [], []
     drop = val_accuracy_root - val_accuracy_candidate
@@ -76,11 +113,21 @@ def evaluate_gate(
     if n < min_items:
         reasons.append(f"too little evidence: {n} feedback items, the gate judges from {min_items}")
         codes.append(TOO_LITTLE_EVIDENCE)
-    elif p > alpha:
+    elif ev.p_value > alpha:
         reasons.append(f"no evidence of a gain on feedback: cross-fitted over {n} items, mean log-likelihood gain "
-                       f"{m['feedback_log_likelihood_gain']:+.3f} against the offline-trained head (one-sided t-test p={p:.3f}; needs p<={alpha:g})")
+                       f"{ev.mean_gain:+.3f} against the offline-trained head (one-sided t-test p={ev.p_value:.3f}; needs p<={alpha:g})")
         codes.append(NO_EVIDENCE)
-    if lost > won:
-        reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {won} and lost {lost} of {n} items")
+    if ev.lost > ev.won:
+        reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {ev.won} and lost {ev.lost} of {n} items")
         codes.append(ANSWERS_WORSE)
-    return GateVerdict(not reasons, reasons, m, codes)
+    proven = over_champion is None or over_champion.shows_gain(alpha)
+    unproven = 0 if proven else unproven_before + 1
+    if over_champion is not None:
+        m.update({"champion_unseen_items": float(over_champion.n), "champion_gain_p_value": over_champion.p_value,
+                  "champion_log_likelihood_gain": over_champion.mean_gain, "unproven_promotions": float(unproven)})
+        if not proven and max_unproven is not None and unproven > max_unproven:
+            reasons.append(f"no gain over the champion on the {over_champion.n} items it was not taught (p={over_champion.p_value:.3f}, "
+                           f"won {over_champion.won}, lost {over_champion.lost}), and {unproven_before} promotion(s) in a row "
+                           f"already had none (allowed {max_unproven})")
+            codes.append(NO_GAIN_OVER_CHAMPION)
+    return GateVerdict(not reasons, reasons, m, codes, unproven)

@@ -37,7 +37,7 @@ import numpy as np
 from infantino.embeddings import EmbeddingSet
 from infantino.periodic import Periodic
 from infantino.settings import OnlineSettings
-from online.gate import evaluate_gate
+from online.gate import evaluate_gate, paired_evidence
 from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
 from heads import configure_online
 from store import FeedbackItem, FeedbackStore, Lease
@@ -67,6 +67,16 @@ class UpdateReport:
         return asdict(self)
 
 
+UNPROVEN_TAG = "unproven_promotions"  # on a head version: promotions in a row, ending with it, without a gain over their champion
+
+
+def taught_to(item: FeedbackItem, head_version: str) -> bool:
+    """Whether head ``head_version`` (an online update) was taught ``item``: each update teaches every
+    usable item there is, and marks the new ones used by its version, so the items it was taught
+    are those used by it or by an earlier version."""
+    return item.status == USED and item.used_by_version is not None and int(item.used_by_version) <= int(head_version)
+
+
 def fold_of(item_id: str, folds: int) -> int:
     """A fixed, pseudo-random fold per item, the same in every process and every update."""
     return int(item_id[:8], 16) % folds
@@ -86,7 +96,9 @@ class Updater:
         # The lease tells processes apart; this lock, the threads of one process (the background
         # loop and POST /admin/update share one holder name, which the lease would let in twice).
         self._one_at_a_time = threading.Lock()
-        self.loop = Periodic(self.run_once, min(5.0, settings.update_interval_s), f"online-updater-{self.task}")
+        # A failing run (the registry or the database down) is retried with backoff, up to once a
+        # minute; queued items stay queued, so the first run after the outage catches up.
+        self.loop = Periodic(self.run_once, min(5.0, settings.update_interval_s), f"online-updater-{self.task}", max_backoff_s=60.0)
         self._embeddings: dict[str, tuple[EmbeddingSet, EmbeddingSet]] = {}
         self._roots: dict[str, LoadedHead] = {}
 
@@ -121,12 +133,10 @@ class Updater:
         try:
             if not self.lease.try_acquire(name, self.holder, self.settings.lease_ttl_s):
                 return None
-            try:
+            with self.lease.kept(name, self.holder, self.settings.lease_ttl_s):  # a worker killed mid-update blocks others one TTL
                 if self.feedback.depth(self.task) == 0:
                     return None
                 report = self._update()
-            finally:
-                self.lease.release(name, self.holder)
         finally:
             self._one_at_a_time.release()
         if self.on_report is not None:
@@ -191,13 +201,20 @@ class Updater:
         left_out = sum(i.status == QUEUED for i in items) - len(new)
         taught = self._as_set(usable, classes)
 
-        root = self._root(champion).model
+        root_head = self._root(champion)
+        root = root_head.model
         candidate = self._taught(root, taught)
+        crossfit = self._crossfit(root, taught, [i.id for i in usable])
+        over_champion = None
+        if champion.version != root_head.version:  # the champion learned feedback: does the candidate know more?
+            unseen = np.array([not taught_to(i, champion.version) for i in usable], bool)
+            over_champion = paired_evidence(crossfit[unseen], champion.model.predict_proba(taught.x[unseen]) if unseen.any()
+                                            else np.zeros((0, len(classes))), taught.y[unseen])
         verdict = evaluate_gate(
-            accuracy(root, validation), accuracy(candidate, validation),
-            candidate_proba=self._crossfit(root, taught, [i.id for i in usable]),
+            accuracy(root, validation), accuracy(candidate, validation), candidate_proba=crossfit,
             root_proba=root.predict_proba(taught.x) if len(taught) else np.zeros((0, len(classes))), labels=taught.y,
-            max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha, min_items=s.gate_min_items,
+            max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha, min_items=s.gate_min_items, over_champion=over_champion,
+            unproven_before=int(champion.tags.get(UNPROVEN_TAG, 0)), max_unproven=s.gate_max_unproven_promotions,
         )
         version = self._register(candidate, champion, verdict, usable, new)
         promoted = verdict.passed
@@ -231,6 +248,7 @@ class Updater:
             "lineage_root": root, "gate": verdict.summary[:4000], "feedback_items": str(len(taught)),
             "val_accuracy": f"{verdict.metrics['val_accuracy_candidate']:.4f}",
             "feedback_accuracy_crossfit": f"{verdict.metrics['feedback_accuracy_candidate']:.4f}",
+            UNPROVEN_TAG: str(verdict.unproven_promotions),
         }
         with self.registry.start_run(f"online-update-from-v{champion.version}", tags={"kind": "online_update"}):
             mlflow.log_params({"parent_version": champion.version, "lineage_root": root, "new_items": len(new),

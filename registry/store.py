@@ -44,6 +44,46 @@ class RegistryError(RuntimeError):
     """The registry has no such model/version/alias, or cannot do what was asked."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry did not answer (down, unreachable, timed out): retrying later may work."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the registry did not answer, rather than that it answered "no"."""
+    import requests
+    import sqlalchemy.exc
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, sqlalchemy.exc.OperationalError,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        # MLflow's REST client wraps a refused connection or a timeout (after its retries) so.
+        message = str(exc.message)
+        return (message.startswith("API request to") and " failed with " in message) or exc.error_code == "TEMPORARILY_UNAVAILABLE"
+    return False
+
+
+def as_registry_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a registry that did not answer raised as RegistryUnavailable."""
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise RegistryUnavailable(f"the registry did not answer: {redact(exc)[:300]}") from exc
+        raise
+
+
+# A serving process must notice a registry outage in seconds: MLflow's own defaults (a 120 s
+# timeout, 7 retries with exponential backoff) hold a caller for minutes. Explicit MLFLOW_*
+# variables still win.
+def use_short_registry_timeouts(settings: Settings) -> None:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(settings.storage.registry_timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.storage.registry_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 @dataclass
 class LoadedBackbone:
     model: Any  # backbones.model.EmbeddingNet, in eval mode on the CPU; None when loaded as ONNX only
@@ -105,6 +145,9 @@ class ModelRegistry:
         prefix = self.settings.storage.model_prefix
         self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}
         self.experiment_name = f"{prefix}-{self.task}"
+
+    def _did_not_answer(self, exc: BaseException) -> RegistryUnavailable:
+        return RegistryUnavailable(f"the registry at {self.display_uri} did not answer: {redact(exc)[:300]}")
 
     # ---- runs -------------------------------------------------------------------------------
     def experiment_id(self) -> str:
@@ -257,7 +300,9 @@ class ModelRegistry:
     def champion_version(self, kind: str, alias: str = CHAMPION) -> str | None:
         try:
             return str(self.client.get_model_version_by_alias(self._name(kind), alias).version)
-        except MlflowException:
+        except MlflowException as exc:
+            if is_unreachable(exc):
+                raise self._did_not_answer(exc) from exc
             return None
 
     def champion_if_reachable(self, kind: str = "head") -> str | None:
@@ -268,9 +313,9 @@ class ModelRegistry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
-            raise RegistryError(f"the registry at {self.display_uri} did not answer: {exc}") from exc
+            raise self._did_not_answer(exc) from exc
         except Exception as exc:  # a connection error that MLflow did not wrap
-            raise RegistryError(f"the registry at {self.display_uri} did not answer: {exc}") from exc
+            raise self._did_not_answer(exc) from exc
         version = model.aliases.get(CHAMPION)
         return None if version is None else str(version)
 
@@ -282,6 +327,8 @@ class ModelRegistry:
                 return self.client.get_model_version(name, ref)
             return self.client.get_model_version_by_alias(name, ref)
         except MlflowException as exc:
+            if is_unreachable(exc):
+                raise self._did_not_answer(exc) from exc
             raise RegistryError(f"{name} has no version or alias {ref!r}") from exc
 
     def list_versions(self, kind: str) -> list[dict]:
@@ -289,7 +336,9 @@ class ModelRegistry:
         try:
             versions = self.client.search_model_versions(f"name='{name}'")
             aliases = self.client.get_registered_model(name).aliases
-        except MlflowException:
+        except MlflowException as exc:
+            if is_unreachable(exc):
+                raise self._did_not_answer(exc) from exc
             return []
         by_version: dict[str, list[str]] = {}
         for alias, v in aliases.items():

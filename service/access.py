@@ -98,10 +98,8 @@ class AccessGuard:
             wait = self.buckets.take(client)
             if wait > 0:
                 metrics.REFUSED.labels(route=path, reason="rate_limited").inc()
-                error = ApiError(429, "rate_limited", f"too much feedback from this client: at most {int(self.buckets.capacity)} "
-                                 f"a minute; retry in {math.ceil(wait)} s")
-                error.retry_after = math.ceil(wait)
-                return error
+                return ApiError(429, "rate_limited", f"too much feedback from this client: at most {int(self.buckets.capacity)} "
+                                f"a minute; retry in {math.ceil(wait)} s", retry_after=math.ceil(wait))
         return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -115,7 +113,4 @@ class AccessGuard:
             return await self.app(scope, receive, send)
         if (mark := ENDPOINT_MARK.get()) is not None:
             mark.started = True  # inside a RequestGuard: this is the service's own answer, to pass as it is
-        response = error.response()
-        if getattr(error, "retry_after", None):
-            response.headers["Retry-After"] = str(error.retry_after)
-        await response(scope, receive, send)
+        await error.response()(scope, receive, send)

@@ -1,4 +1,5 @@
-"""The backbone service (BentoML's "runner" role): batched image -> embedding inference.
+"""The backbone service (BentoML's "runner" role): batched image -> embedding inference,
+with INFANTINO_BACKBONE_PLACEMENT=service (see service.embedding for both placements).
 
 Requests from all API workers meet here and are merged by BentoML's adaptive batching
 (max batch size and latency from settings), so the CNN runs on full batches under load.
@@ -12,17 +13,16 @@ was not trained on.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import bentoml
 import numpy as np
 
-from backbones.runtime import Runner, create_runner, torch_installed, with_tta
+from backbones.runtime import Runner
 from infantino import EMBEDDING_DIM
-from infantino.images import fit_input
 from infantino.settings import get_settings
 from registry.store import LoadedBackbone
+from service.embedding import describe, embed_batch, load_backbone, serving_device
 from service.models import ChampionFollower
 
 log = logging.getLogger(__name__)
@@ -66,47 +66,9 @@ class ServedBackbone(ChampionFollower):
         wanted = self.source.head_backbone_version(head_version) if head_version else None
         with self._lock:
             if self.current is None or wanted is None or wanted != self.current[0].version:
-                loaded, run = self.load(wanted)
-                self.current = (loaded, with_tta(run, SETTINGS.models.tta))  # one swap: in-flight batches keep the old
-                log.info("%s: serving backbone v%s on %s (%s)", self.task, loaded.version, SETTINGS.models.backbone_runtime,
-                         "ONNX" if loaded.model is None else f"torch, {self.device}")
+                self.current = load_backbone(self.source, wanted, self.device, SETTINGS)  # one swap: in-flight batches keep the old
+                log.info(describe(self.task, self.current[0], self.device, SETTINGS))
             self.head_version = head_version
-
-    def load(self, version: str | None) -> tuple[LoadedBackbone, Runner]:
-        """The backbone and its runner: from its ONNX export, without torch, when ONNX Runtime runs it
-        (on a CPU, or asked for); else, or when the version has no export, the torch model."""
-        runtime, threads = SETTINGS.models.backbone_runtime, SETTINGS.serving.torch_threads
-        if runtime == "onnxruntime" or (runtime == "auto" and str(self.device) == "cpu"):
-            loaded = self.source.load_backbone_onnx(version)
-            if loaded is not None:
-                return loaded, create_runner(loaded.preprocessing, runtime, onnx=loaded.onnx, threads=threads)
-        import torch
-
-        from backbones.inference import for_inference
-
-        if threads:
-            torch.set_num_threads(threads)
-        loaded = self.source.load_backbone(version)
-        loaded.model = for_inference(loaded.model.to(self.device))
-        return loaded, create_runner(loaded.preprocessing, runtime, model=loaded.model, threads=threads)
-
-
-def serving_device(runtime: str):
-    """Where the backbone runs: ``"cpu"`` without importing torch, unless torch is asked for or a
-    GPU may be present (then torch picks: a GPU when there is one). A Bento built without torch
-    (bentofile.yaml) serves the CPU path only."""
-    if runtime != "torch" and not gpu_may_be_present():
-        return "cpu"
-    from backbones.inference import pick_device
-
-    return pick_device(None)
-
-
-def gpu_may_be_present() -> bool:
-    """torch is installed and the machine has a CUDA or ROCm device node (no torch import)."""
-    if not torch_installed():
-        return False
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
 
 
 # runner_connection: BentoML's client to this service recycles its connection session every
@@ -135,8 +97,8 @@ class BackboneService:
         """uint8 (N, S, S, 3) -> the packed embeddings of every task (see pack_embeddings)."""
         blocks = []
         for task, served in self.tasks.items():
-            if served.current is None:
+            current = served.current
+            if current is None:
                 raise bentoml.exceptions.ServiceUnavailable(f"the {task} backbone is not loaded yet")
-            backbone, run = served.current
-            blocks.append((run(fit_input(images, backbone.preprocessing)), backbone.version))
+            blocks.append((embed_batch(current, images), current[0].version))
         return pack_embeddings(blocks)

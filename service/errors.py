@@ -48,17 +48,50 @@ ENDPOINT_MARK: ContextVar[EndpointMark | None] = ContextVar("infantino_endpoint_
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, accepted: list[str] | None = None):
+    def __init__(self, status: int, code: str, message: str, accepted: list[str] | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.body = ErrorBody(error=code, message=message, accepted=accepted)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
     @classmethod
     def from_image_error(cls, exc: ImageError, field: str = "image") -> "ApiError":
         return cls(IMAGE_STATUS.get(exc.code, 400), exc.code, f"{field}: {exc}")
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body.model_dump(exclude_none=True), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return JSONResponse(self.body.model_dump(exclude_none=True), status_code=self.status, headers=headers)
+
+
+# A dependency that is down is the server's problem but not a bug: a 503 that says which one,
+# with Retry-After, never a 500. Nothing was stored by a request that gets one of these, so the
+# client's retry (with the same idempotency key) is safe.
+DATABASE_DOWN_RETRY_S = 5
+REGISTRY_DOWN_RETRY_S = 10
+
+
+def database_unavailable() -> ApiError:
+    return ApiError(503, "database_unavailable", "the feedback store's database cannot be reached; nothing was stored, retry later",
+                    retry_after=DATABASE_DOWN_RETRY_S)
+
+
+def registry_unavailable(what: str = "the model registry") -> ApiError:
+    return ApiError(503, "registry_unavailable", f"{what} did not answer in time; the served model is unchanged, retry later",
+                    retry_after=REGISTRY_DOWN_RETRY_S)
+
+
+def dependency_error(exc: BaseException) -> ApiError | None:
+    """The 503 for a failure of the database or of the registry, or None when ``exc`` is neither."""
+    import sqlalchemy.exc
+
+    from registry.store import RegistryUnavailable
+
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)) or (
+            isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
+        return database_unavailable()
+    if isinstance(exc, RegistryUnavailable):
+        return registry_unavailable()
+    return None
 
 
 def answers_errors(endpoint: F) -> F:
@@ -77,9 +110,13 @@ def answers_errors(endpoint: F) -> F:
             return await endpoint(*args, **kwargs)
         except ApiError as exc:
             error = exc
-        except Exception:
-            log.exception("unexpected error in %s", endpoint.__name__)
-            error = ApiError(500, "internal_error", "unexpected server error; see the server log")
+        except Exception as exc:
+            error = dependency_error(exc)
+            if error is not None:
+                log.warning("%s: %s (%s)", endpoint.__name__, error.body.error, type(exc).__name__)
+            else:
+                log.exception("unexpected error in %s", endpoint.__name__)
+                error = ApiError(500, "internal_error", "unexpected server error; see the server log")
         for value in kwargs.values():
             if isinstance(value, bentoml.Context):
                 value.response.status_code = error.status

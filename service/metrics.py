@@ -16,6 +16,10 @@ CONFIDENCE = bentoml.metrics.Histogram(
     "infantino_prediction_confidence", "Confidence (top probability) of answered predictions.", ["task"],
     buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
 )
+INLINE_BATCH = bentoml.metrics.Histogram(
+    "infantino_inline_batch_size", "Images per backbone call in an API worker (INFANTINO_BACKBONE_PLACEMENT=inline).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 FEEDBACK = bentoml.metrics.Counter("infantino_feedback_total", "Feedback items acknowledged, by true label.", ["label", "task"])
 QUEUE_DEPTH = bentoml.metrics.Gauge("infantino_feedback_queue_depth", "Feedback items waiting for an update.", ["task"], multiprocess_mode="max")
 SERVED_VERSION = bentoml.metrics.Gauge(
@@ -89,3 +93,17 @@ def label_requests_by_route(routes: Iterable[str]) -> None:
 
 # Access (service/access.py): requests refused before their body is read.
 REFUSED = bentoml.metrics.Counter("infantino_requests_refused_total", "Requests refused by access control, by route and reason (unauthorized, rate_limited).", ["route", "reason"])
+
+# Outages (service/errors.py): answers given while a dependency was down.
+UNRECORDED = bentoml.metrics.Counter(
+    "infantino_predictions_unrecorded_total", "Predictions answered without a prediction_id because the database could not record them."
+)
+SHADOW_PREDICTIONS = bentoml.metrics.Counter(
+    "infantino_shadow_predictions_total", "Predictions the challenger also scored in shadow (not served): did its label agree with the "
+    "champion's, by challenger version.", ["task", "head_version", "agreed_with_champion"],
+)
+SHADOW_AGREEMENT = bentoml.metrics.Counter(
+    "infantino_shadow_agreement_total", "Feedback naming a prediction that the challenger also scored in shadow (not served): did the "
+    "challenger's label agree with the feedback, by challenger version. Compare with infantino_feedback_agreement_total.",
+    ["task", "head_version", "agreed"],
+)

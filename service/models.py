@@ -31,7 +31,7 @@ from infantino.settings import Settings, redact
 from registry.shipped import (SHIPPED_VERSION, has_shipped, register_shipped, shipped_backbone, shipped_meta, shipped_serving_head,
                               shipped_tags)
 from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags,
-                            preprocessing_tags)
+                            preprocessing_tags, use_short_registry_timeouts)
 from store import Database, Lease
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ def register_shipped_once(settings: Settings, task: str, wait_s: float = SHIPPED
                             task, name, lease.holder(name))
                 return None
             time.sleep(0.5)
-        renewal = Periodic(lambda: lease.try_acquire(name, holder, SHIPPED_LEASE_TTL_S), SHIPPED_LEASE_TTL_S / 4,
-                           f"shipped-lease-{task}").start()
-        try:
+        with lease.kept(name, holder, SHIPPED_LEASE_TTL_S):
             registry = ModelRegistry(settings, task, tracking_uri)
             if not always and registry.champion_if_reachable("head") is not None:
                 return None
@@ -87,9 +85,6 @@ def register_shipped_once(settings: Settings, task: str, wait_s: float = SHIPPED
             versions = register_shipped(registry)
             log.warning("%s: registered the shipped model as champion: backbone v%s, head v%s", task, *versions)
             return versions
-        finally:
-            renewal.stop()
-            lease.release(name, holder)
     finally:
         if db is not None:
             db.close()
@@ -106,6 +101,7 @@ class ModelSource:
 
     def __init__(self, settings: Settings, task: str | None = None):
         self.settings = settings
+        use_short_registry_timeouts(settings)  # a serving process: an outage must show in seconds
         self.registry = ModelRegistry(settings, task=task)
         # What the champion polls found (for health reports, without asking the registry again):
         # when one last answered (epoch s), when one last failed, and why (redacted).
@@ -113,21 +109,26 @@ class ModelSource:
         self.last_failure: float | None = None
         self.last_error: str | None = None
 
-    # What the registry says is champion right now (None when unreachable or empty).
-    def champion_head_version(self) -> str | None:
+    def head_aliases(self) -> dict[str, str] | None:
+        """Every alias of the head model -> its version, in one registry call: {} when there is no
+        such model yet, None when the registry does not answer (then the current models stay)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            version = str(self.registry.client.get_model_version_by_alias(self.registry.names["head"], CHAMPION).version)
+            aliases = {alias: str(v) for alias, v in self.registry.client.get_registered_model(self.registry.names["head"]).aliases.items()}
         except Exception as exc:
             answered = isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
             if not answered:  # registry outage: keep serving what we have
                 self.last_failure, self.last_error = time.time(), redact(exc)[:300]
                 log.warning("registry unreachable (%s); keeping the current models", self.last_error)
                 return None
-            version = None  # it answered: no such model or alias yet
+            aliases = {}  # it answered: no such model yet
         self.last_ok = time.time()
-        return version
+        return aliases
+
+    # What the registry says is champion right now (None when unreachable or empty).
+    def champion_head_version(self) -> str | None:
+        return (self.head_aliases() or {}).get(CHAMPION)
 
     def head_backbone_version(self, head_version: str) -> str:
         return self.registry.version_info("head", head_version).tags["backbone_version"]
@@ -237,27 +238,35 @@ class ModelSource:
 
 
 class ChampionWatcher:
-    """Polls the champion alias and calls ``on_change(new_head_version)`` when it moves.
+    """Polls the head's aliases and calls ``on_change(new_head_version)`` when the champion moves,
+    and ``on_aliases(aliases)`` after every poll the registry answered (e.g. to follow the challenger).
 
     A failed load is logged and retried at the next poll; the old model keeps serving.
     """
 
     def __init__(self, source: ModelSource, current: Callable[[], str | None], on_change: Callable[[str], None], interval_s: float,
-                 on_missing: Callable[[], object] | None = None):
-        self.source, self.current, self.on_change, self.on_missing = source, current, on_change, on_missing
+                 on_missing: Callable[[], object] | None = None, on_aliases: Callable[[dict[str, str]], object] | None = None):
+        self.source, self.current, self.on_change, self.on_missing, self.on_aliases = source, current, on_change, on_missing, on_aliases
         self.loop = Periodic(self.check_now, interval_s, f"champion-watcher-{source.registry.task}")
 
     def check_now(self) -> bool:
-        wanted = self.source.champion_head_version()
-        if wanted is None and self.on_missing is not None and self.on_missing():  # the registry was filled
-            wanted = self.source.champion_head_version()
+        aliases = self.source.head_aliases()
+        if aliases is not None and CHAMPION not in aliases and self.on_missing is not None and self.on_missing():  # the registry was filled
+            aliases = self.source.head_aliases()
+        wanted = None if aliases is None else aliases.get(CHAMPION)
+        switched = False
         if wanted is not None and wanted != self.current():
             try:
                 self.on_change(wanted)
-                return True
+                switched = True
             except Exception:
                 log.exception("could not switch to head v%s; still serving v%s", wanted, self.current())
-        return False
+        if aliases is not None and self.on_aliases is not None:
+            try:
+                self.on_aliases(aliases)
+            except Exception:
+                log.exception("could not follow the aliases %s", aliases)
+        return switched
 
 
 class ChampionFollower:
@@ -268,6 +277,7 @@ class ChampionFollower:
         self.task, self.settings = task, settings
         self._lease_db: Database | None = None
         self._next_register_try = 0.0
+        use_short_registry_timeouts(settings)
         try:  # before this process's first registry client: see register_shipped_once
             if can_register_shipped(task):
                 register_shipped_once(settings, task)
@@ -281,7 +291,7 @@ class ChampionFollower:
         except Exception:
             log.exception("%s: no model loaded yet; not ready until the registry has a champion", task)
         self.watcher = ChampionWatcher(self.source, self.current_head_version, self.switch, settings.models.model_poll_s,
-                                       on_missing=self._register_if_empty)
+                                       on_missing=self._register_if_empty, on_aliases=self.aliases_seen)
 
     def _register_if_empty(self) -> bool:
         """The registry answers but has no champion (it was down at start, or a registering
@@ -309,6 +319,9 @@ class ChampionFollower:
 
     def switch(self, head_version: str | None) -> None:
         raise NotImplementedError
+
+    def aliases_seen(self, aliases: dict[str, str]) -> None:
+        """Every answered poll's aliases (champion, challenger, ...); nothing to do by default."""
 
     def current_head_version(self) -> str | None:
         raise NotImplementedError

@@ -16,7 +16,8 @@ class ErrorBody(BaseModel):
 class Prediction(BaseModel):
     """One task's answer for one image or face."""
 
-    prediction_id: str = Field(description="name it in POST /feedback to correct this answer")
+    prediction_id: str | None = Field(description="name it in POST /feedback to correct this answer; null when the feedback store's "
+                                      "database could not record it (an outage): send the image with the feedback instead")
     label: str
     confidence: float = Field(description="the top probability")
     probabilities: dict[str, float] = Field(description="every label of the task, in the model's order")

@@ -6,9 +6,13 @@ that dies simply stops renewing, and the lease frees itself when it expires.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from infantino.periodic import Periodic
 from store.db import Database
 from store.schema import MAX_NAME
 from store.values import check_str
@@ -46,6 +50,18 @@ class Lease:
             except IntegrityError:
                 return False
             return True
+
+    @contextmanager
+    def kept(self, name: str, holder: str, ttl_s: float) -> Iterator[None]:
+        """For a lease ``holder`` has just acquired: renew it every quarter of ``ttl_s`` during the
+        with-block, release it after. The TTL can then be short: a holder that dies (no more
+        renewals) frees the lease within one TTL, however long its work was meant to take."""
+        renewal = Periodic(lambda: self.try_acquire(name, holder, ttl_s), ttl_s / 4, f"lease-{name}").start()
+        try:
+            yield
+        finally:
+            renewal.stop()
+            self.release(name, holder)
 
     def release(self, name: str, holder: str) -> None:
         """Give the lease up if ``holder`` holds it (otherwise do nothing)."""

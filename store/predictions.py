@@ -76,12 +76,21 @@ class PredictionLog:
         with self.db.tx() as conn:
             return conn.execute(sa.select(self.t.c.task).where(self.t.c.prediction_id == prediction_id)).scalar()
 
-    def answered(self, prediction_id: str) -> dict | None:
-        """``{'task', 'label', 'head_version'}`` of a prediction (what it answered, by which head), or None; no blobs read."""
+    def answered(self, prediction_id: str, with_embedding: bool = False) -> dict | None:
+        """``{'task', 'label', 'head_version', 'backbone_version'}`` of a prediction (what it answered, by
+        which models), or None; no blobs read unless ``with_embedding`` (then also ``'embedding'``)."""
         t = self.t
+        columns = [t.c.task, t.c.label, t.c.head_version, t.c.backbone_version]
+        if with_embedding:
+            columns += [t.c.embedding, t.c.embedding_dim]
         with self.db.tx() as conn:
-            row = conn.execute(sa.select(t.c.task, t.c.label, t.c.head_version).where(t.c.prediction_id == prediction_id)).first()
-        return None if row is None else dict(row._mapping)
+            row = conn.execute(sa.select(*columns).where(t.c.prediction_id == prediction_id)).first()
+        if row is None:
+            return None
+        out = dict(row._mapping)
+        if with_embedding:
+            out["embedding"] = decode_embedding(out.pop("embedding"), out.pop("embedding_dim"))
+        return out
 
     def least_sure(self, task: str, *, limit: int = 24, since: float | None = None, order: str = "margin") -> list[dict]:
         """The predictions of ``task`` the model was least sure of that no feedback names yet: for

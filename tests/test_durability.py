@@ -27,7 +27,7 @@ from infantino.settings import Settings
 from store import Stores
 from testkit.faces import faces
 from testkit.registry import train_tiny_registry
-from testkit.server import STILL_MODEL_ENV, BentoServer, free_port
+from testkit.server import STILL_MODEL_ENV, BentoServer
 
 pytestmark = pytest.mark.slow
 LABELS = ["happy", "sad", "surprise"]

@@ -73,3 +73,25 @@ def test_each_reason_has_a_machine_readable_code_for_metrics():
     assert few.codes[0] == TOO_LITTLE_EVIDENCE and len(few.codes) == len(few.reasons)
     worse = evaluate_gate(0.6, 0.6, *evidence(120, 0.5, 0.5, candidate_right=0.3, root_right=0.8))
     assert ANSWERS_WORSE in worse.codes and set(worse.codes) <= set(REASON_CODES) and len(worse.codes) == len(worse.reasons)
+
+
+def test_promotions_without_a_gain_over_the_champion_are_bounded():
+    """A candidate that beats the root but not the champion (on the items the champion was not
+    taught) is an unproven promotion; past ``max_unproven`` in a row the gate refuses."""
+    from online.gate import NO_GAIN_OVER_CHAMPION, paired_evidence
+
+    cand, root, y = evidence(120, 0.6, 0.4, candidate_right=0.7, root_right=0.5)
+    same = paired_evidence(cand[:30], cand[:30], y[:30])  # the champion answers the unseen items as the candidate does
+    assert not same.shows_gain(0.05)
+    first = evaluate_gate(0.6, 0.6, cand, root, y, over_champion=same, unproven_before=0, max_unproven=2)
+    assert first.passed and first.unproven_promotions == 1
+    third = evaluate_gate(0.6, 0.6, cand, root, y, over_champion=same, unproven_before=2, max_unproven=2)
+    assert not third.passed and third.codes == [NO_GAIN_OVER_CHAMPION]
+    assert evaluate_gate(0.6, 0.6, cand, root, y, over_champion=same, unproven_before=2, max_unproven=None).passed  # no bound
+    # A real gain over the champion resets the count, whatever came before.
+    better = paired_evidence(*evidence(40, 0.7, 0.4, candidate_right=0.8, root_right=0.5, seed=3))
+    assert better.shows_gain(0.05)
+    proven = evaluate_gate(0.6, 0.6, cand, root, y, over_champion=better, unproven_before=5, max_unproven=2)
+    assert proven.passed and proven.unproven_promotions == 0
+    # When the champion is the root itself, the comparison with the root is that test.
+    assert evaluate_gate(0.6, 0.6, cand, root, y).unproven_promotions == 0

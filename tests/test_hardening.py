@@ -189,24 +189,64 @@ def hostile_requests(draw):
     return path, {"content": draw(blobs), "headers": {"content-type": ctype}}
 
 
-def test_fuzz_hostile_bodies_never_get_a_5xx(client):
-    """Random field names, bytes, long and non-UTF-8 strings, wrong content types, repeated fields:
-    never a 5xx, and every 4xx a short JSON error; the server still answers afterwards."""
+@st.composite
+def valid_requests(draw, png: bytes):
+    """Requests the service should answer with a 200 (now and then with a bad item inside a batch)."""
+    b64 = base64.b64encode(png).decode()
+    faces_flag = draw(st.sampled_from(["true", "false"]))
+    return draw(st.sampled_from([
+        ("/predict", {"files": {"image": ("f.png", png, "image/png")}, "data": {"faces": faces_flag}}),
+        ("/predict", {"json": {"image_base64": b64, "faces": faces_flag == "true"}}),
+        ("/predict_batch", {"json": {"images_base64": [b64, draw(st.text(max_size=40))]}}),
+        ("/predict_sequence", {"json": {"frames_base64": [b64, b64]}}),
+        ("/feedback", {"json": {"label": draw(st.sampled_from(["happy", "sad", "surprise"])), "image_base64": b64}}),
+    ]))
+
+
+def response_schemas(client) -> dict:
+    """Each POST route's 200 answer schema from the service's own OpenAPI document, and the error body's."""
+    from jsonschema import Draft202012Validator
+
+    from service.schemas import ErrorBody
+
+    spec = client.get("/docs.json").json()
+    out = {}
+    for path in ROUTES:
+        content = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        schema = next(iter(content.values()))["schema"]
+        out[path] = Draft202012Validator({**schema, "components": spec.get("components", {})})
+    out["error"] = Draft202012Validator(ErrorBody.model_json_schema())
+    return out
+
+
+def test_fuzz_hostile_bodies_never_get_a_5xx_and_every_answer_matches_the_schema(client, face_png):
+    """Random field names, bytes, long and non-UTF-8 strings, wrong content types, repeated fields,
+    mixed with valid calls: never a 5xx; every 4xx a short JSON error matching the error schema,
+    every 200 the route's answer schema in the service's OpenAPI document; the server still answers afterwards."""
     deadline = time.monotonic() + FUZZ_SECONDS
-    failures = []
+    schemas = response_schemas(client)
+    failures, answered = [], []
 
     @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(hostile_requests())
+    @given(st.one_of(hostile_requests(), valid_requests(face_png)))
     def one(request):
         if time.monotonic() > deadline:
             return
         path, kwargs = request
         r = client.post(path, **kwargs)
+        shown = kwargs if len(repr(kwargs)) < 500 else repr(kwargs)[:500]
         if r.status_code >= 500:
-            failures.append((path, kwargs if len(repr(kwargs)) < 500 else repr(kwargs)[:500], r.status_code, r.text[:200]))
-        elif r.status_code >= 400:
+            failures.append((path, shown, r.status_code, r.text[:200]))
+            return
+        validator = schemas[path] if r.status_code == 200 else schemas["error"]
+        if r.status_code >= 400:
             check_error(r)
+        errors = [e.message[:200] for e in validator.iter_errors(r.json())]
+        if errors:
+            failures.append((path, shown, r.status_code, errors[:3]))
+        answered.append(r.status_code)
 
     one()
     assert failures == []
+    assert 200 in answered and any(400 <= s < 500 for s in answered), sorted(set(answered))  # both kinds were checked
     assert client.get("/readyz").status_code == 200

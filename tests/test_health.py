@@ -181,6 +181,34 @@ def test_a_refused_update_is_counted_by_gate_reason_with_its_duration(client):
     assert grew("infantino_update_duration_seconds_sum", task="expression") == pytest.approx(report["seconds"], rel=0.01)
 
 
+@pytest.mark.slow
+def test_the_newest_challenger_is_scored_in_shadow_without_being_served(client):
+    labels = client.get("/model").json()["labels"]
+    for png, _ in faces(1, seed=14):  # too little evidence: the candidate is refused and becomes the challenger
+        assert client.post("/feedback", data={"label": labels[0]}, files={"image": ("f.png", png, "image/png")}).status_code == 200
+    r = client.post("/admin/update", json={"force": True}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and not r.json()["promoted"], r.text
+    challenger, champion = r.json()["head_version"], r.json()["parent_version"]
+    deadline = __import__("time").time() + 30
+    while (client.get("/health/detail").json()["tasks"]["expression"]["shadow"] or {}).get("head_version") != challenger:
+        assert __import__("time").time() < deadline, client.get("/health/detail").json()
+        __import__("time").sleep(0.3)
+    before = scrape(client)
+    preds = [client.post("/predict", files={"image": ("f.png", png, "image/png")}).json() for png, _ in faces(1, seed=15)]
+    assert {p["head_version"] for p in preds} == {champion}  # the challenger answers nobody
+    r = client.post("/feedback", json={"label": labels[1], "prediction_id": preds[0]["prediction_id"]})
+    assert r.status_code == 200, r.text
+    after = scrape(client)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("infantino_shadow_predictions_total", task="expression", head_version=challenger) == len(preds)
+    assert grew("infantino_shadow_agreement_total", task="expression", head_version=challenger) == 1
+    shadow = client.get("/health/detail").json()["tasks"]["expression"]["shadow"]
+    assert shadow["predictions"] >= len(preds) and shadow["feedback"] >= 1 and 0 <= shadow["agreement_with_champion"] <= 1
+
+
 def test_a_failed_poll_or_ping_reports_the_dependency_down_from_what_was_last_seen():
     from types import SimpleNamespace
 

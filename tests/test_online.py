@@ -131,6 +131,7 @@ def test_shifted_domain_feedback_is_learned(server, home):
     val_after = np.mean(champion.model.predict(validation.x) == validation.y)
     assert val_after >= val_before - ALLOWED_DROP - 1e-9, (val_before, val_after)
     assert champion.tags["origin"] == "online_update" and champion.tags["parent_version"]
+    assert int(champion.tags["unproven_promotions"]) <= Settings().online.gate_max_unproven_promotions  # the bound's count travels
 
 
 @pytest.mark.parametrize("poison", ["systematic", "random"])
