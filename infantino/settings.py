@@ -120,6 +120,7 @@ class OnlineSettings(_Group):
     update_passes: int = Field(5, ge=1, description="mlp head: passes over the new items per update")
     gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")
     gate_alpha: float = Field(0.05, gt=0, le=1, description="the gate promotes only when a one-sided test on cross-fitted feedback finds a gain at this level")
+    gate_worse_alpha: float = Field(0.5, gt=0, le=0.5, description="a candidate that wins fewer feedback items than it loses (cross-fitted, against the offline-trained head) is refused when an exact test finds it worse at this level (0.5: whenever it loses more)")
     gate_folds: int = Field(5, ge=2, description="folds of the gate's cross-fitting over all feedback")
     gate_min_items: int = Field(20, ge=2, description="feedback items the gate needs before it can promote anything")
     shadow_challenger: bool = Field(True, description="score the newest challenger (a refused candidate) on live traffic without serving it: its agreement with the champion and with feedback in /metrics and /health/detail")

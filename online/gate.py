@@ -11,7 +11,8 @@ It is promoted only when both hold:
     scoring rule: it rewards being right *and* being sure only when right). A one-sided paired
     t-test must find the candidate's mean gain unlikely under "no better than the root":
     p <= ``alpha``; and on the items where their top answers disagree (McNemar's pairs) the
-    candidate must not lose more than it wins. A tie is not evidence, nor are fewer than
+    candidate must not lose more than it wins (or, with ``worse_alpha`` below 0.5, must not lose
+    significantly more: a loss of 10 to 8 is a coin's toss). A tie is not evidence, nor are fewer than
     ``min_items`` items (a t-test on three items says little about the next hundred);
     using every item (instead of a held-out fifth) is what gives the test its power.
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import ttest_1samp
+from scipy.stats import binomtest, ttest_1samp
 
 _FLOOR = 1e-6  # probabilities are floored before the log: one 0 must not decide
 
@@ -66,6 +67,7 @@ class PairedEvidence:
     lost: int
     mean_gain: float  # mean log-probability gain on the true label (nan without items)
     p_value: float  # one-sided paired t-test of "no better"
+    p_worse: float  # exact one-sided test (McNemar's, on the items where one is right and the other wrong) of "no worse"
     accuracy_first: float
     accuracy_second: float
 
@@ -77,26 +79,31 @@ def paired_evidence(first_proba: np.ndarray, second_proba: np.ndarray, labels: n
     labels = np.asarray(labels, int)
     n = len(labels)
     if n == 0:
-        return PairedEvidence(0, 0, 0, float("nan"), 1.0, float("nan"), float("nan"))
+        return PairedEvidence(0, 0, 0, float("nan"), 1.0, 1.0, float("nan"), float("nan"))
     first_proba, second_proba = np.asarray(first_proba), np.asarray(second_proba)
     rows = np.arange(n)
     first_right, second_right = first_proba.argmax(1) == labels, second_proba.argmax(1) == labels
     gain = np.log(np.maximum(first_proba[rows, labels], _FLOOR)) - np.log(np.maximum(second_proba[rows, labels], _FLOOR))
     p = float(ttest_1samp(gain, 0.0, alternative="greater").pvalue) if n >= 2 and np.std(gain) > 0 else 1.0
-    return PairedEvidence(n, int(np.sum(first_right & ~second_right)), int(np.sum(second_right & ~first_right)), float(gain.mean()), p,
-                          float(first_right.mean()), float(second_right.mean()))
+    won, lost = int(np.sum(first_right & ~second_right)), int(np.sum(second_right & ~first_right))
+    p_worse = float(binomtest(lost, won + lost, 0.5, alternative="greater").pvalue) if won + lost else 1.0
+    return PairedEvidence(n, won, lost, float(gain.mean()), p, p_worse, float(first_right.mean()), float(second_right.mean()))
 
 
 def evaluate_gate(
     val_accuracy_root: float, val_accuracy_candidate: float, candidate_proba: np.ndarray, root_proba: np.ndarray,
     labels: np.ndarray, max_val_drop: float = 0.01, alpha: float = 0.05, min_items: int = 20,
     over_champion: PairedEvidence | None = None, unproven_before: int = 0, max_unproven: int | None = None,
+    worse_alpha: float = 0.5,
 ) -> GateVerdict:
     """``candidate_proba``/``root_proba``: (N, classes) probabilities of the cross-fitted candidate
     and of the root for the N feedback items; ``labels``: their class indices.
     ``over_champion``: the candidate against the champion on the items the champion was not taught
     (None when the champion is the root: then (b) is that comparison); ``unproven_before``: the
-    champion's count of promotions in a row without such a gain; ``max_unproven``: the bound (None: none)."""
+    champion's count of promotions in a row without such a gain; ``max_unproven``: the bound (None: none);
+    ``worse_alpha``: the candidate is refused as answering worse when the exact test on the items
+    where exactly one of the two is right finds it worse at this level (0.5: whenever it loses
+    more of those items than it wins, however few)."""
     ev = paired_evidence(candidate_proba, root_proba, labels)
     n = ev.n
     m = {
@@ -117,8 +124,10 @@ def evaluate_gate(
         reasons.append(f"no evidence of a gain on feedback: cross-fitted over {n} items, mean log-likelihood gain "
                        f"{ev.mean_gain:+.3f} against the offline-trained head (one-sided t-test p={ev.p_value:.3f}; needs p<={alpha:g})")
         codes.append(NO_EVIDENCE)
-    if ev.lost > ev.won:
-        reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {ev.won} and lost {ev.lost} of {n} items")
+    m["feedback_p_worse"] = ev.p_worse
+    if ev.lost > ev.won and ev.p_worse <= worse_alpha:
+        reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {ev.won} and lost {ev.lost} of {n} items "
+                       f"(exact test p={ev.p_worse:.3f}; refused at p<={worse_alpha:g})")
         codes.append(ANSWERS_WORSE)
     proven = over_champion is None or over_champion.shows_gain(alpha)
     unproven = 0 if proven else unproven_before + 1

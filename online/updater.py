@@ -215,6 +215,7 @@ class Updater:
             root_proba=root.predict_proba(taught.x) if len(taught) else np.zeros((0, len(classes))), labels=taught.y,
             max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha, min_items=s.gate_min_items, over_champion=over_champion,
             unproven_before=int(champion.tags.get(UNPROVEN_TAG, 0)), max_unproven=s.gate_max_unproven_promotions,
+            worse_alpha=s.gate_worse_alpha,
         )
         version = self._register(candidate, champion, verdict, usable, new)
         promoted = verdict.passed

@@ -120,8 +120,8 @@ def start_two_workers(home, port: int | None = None, log_name: str = "serve-work
 def test_workers_stop_when_the_server_gets_sigterm(registry_home):
     srv, procs = start_two_workers(registry_home)
     try:
-        # The main process, two API workers and the backbone service (at least three processes below the main one).
-        assert len(alive(procs)) >= 3, describe(procs)
+        # Two API workers below the main process (and the backbone service's worker, with INFANTINO_BACKBONE_PLACEMENT=service).
+        assert len(alive(procs)) >= 2, describe(procs)
         print("\nserver processes:\n  " + "\n  ".join(describe([psutil.Process(srv.proc.pid), *procs])))
         os.kill(srv.proc.pid, signal.SIGTERM)  # the main process only, as a supervisor would
         srv.proc.wait(STOP_TIMEOUT_S)
@@ -143,7 +143,7 @@ def test_workers_stop_when_the_server_gets_sigterm(registry_home):
 def test_killing_the_process_group_leaves_nothing_listening(registry_home):
     srv, procs = start_two_workers(registry_home, log_name="serve-killpg.log")
     try:
-        assert len(alive(procs)) >= 3, describe(procs)
+        assert len(alive(procs)) >= 2, describe(procs)
         before = describe(procs)  # with each one's process group: circus starts every worker in a session of its own
         os.killpg(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(STOP_TIMEOUT_S)

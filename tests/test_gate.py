@@ -95,3 +95,19 @@ def test_promotions_without_a_gain_over_the_champion_are_bounded():
     assert proven.passed and proven.unproven_promotions == 0
     # When the champion is the root itself, the comparison with the root is that test.
     assert evaluate_gate(0.6, 0.6, cand, root, y).unproven_promotions == 0
+
+
+def test_losing_a_few_more_items_than_winning_is_refused_only_when_significant_if_asked():
+    """worse_alpha: at 0.5 any net loss of top answers refuses (the default); below, only a loss an exact test calls real."""
+    n = 200
+    i = np.arange(n)
+    root_right = i < 110  # right on 0..109
+    cand_right = (i >= 10) & (i < 118)  # loses 0..9 (10), wins 110..117 (8)
+    # Both right: the candidate surer; both wrong: the candidate closer. Its probabilities are better overall.
+    cand = np.where(cand_right[:, None], rows(0.9, cand_right), rows(0.45, cand_right))
+    root = np.where(root_right[:, None], rows(0.6, root_right), rows(0.2, root_right))
+    y = np.zeros(n, int)
+    strict = evaluate_gate(0.6, 0.6, cand, root, y)
+    assert not strict.passed and strict.codes == [ANSWERS_WORSE], strict.summary
+    assert strict.metrics["feedback_p_value"] < 0.05 and strict.metrics["feedback_p_worse"] > 0.3
+    assert evaluate_gate(0.6, 0.6, cand, root, y, worse_alpha=0.05).passed  # 10 lost to 8 won: a coin's toss

@@ -168,8 +168,19 @@ def test_model_info_and_health(client):
     assert client.get("/no/such/route").status_code == 404
 
 
+def backbone_batch_sizes(metrics_text: str) -> list[tuple[str, str, float]]:
+    """(kind, labels, value) of the backbone's batch-size histogram: the inline micro-batcher's
+    (INFANTINO_BACKBONE_PLACEMENT=inline, the default on a CPU) or BentoML's adaptive batching of the backbone service."""
+    for name, selector in (("infantino_inline_batch_size", ""), ("bentoml_service_adaptive_batch_size", 'method_name="embed"')):
+        series = [(kind, labels, float(v)) for kind, labels, v in re.findall(rf"^{name}_(sum|count|bucket)(?:\{{([^}}]*)\}})? (\S+)$",
+                                                                              metrics_text, re.MULTILINE) if selector in labels]
+        if any(kind == "count" and v > 0 for kind, _, v in series):
+            return series
+    return []
+
+
 def test_concurrent_predictions_are_batched(client, server, face_png):
-    """16 concurrent clients: BentoML's adaptive batching must merge requests (batch size > 1)."""
+    """16 concurrent clients: the backbone's batching (inline or in its service) must merge requests (batch size > 1)."""
     b64 = base64.b64encode(face_png).decode()
 
     def call(_):
@@ -180,12 +191,11 @@ def test_concurrent_predictions_are_batched(client, server, face_png):
     with cf.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(call, range(160)))
     assert [a for a in answers if a[0] != 200] == []
-    text = client.get("/metrics").text
-    sums = [float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="embed"[^}]*\} (\S+)', text)]
-    counts = [float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="embed"[^}]*\} (\S+)', text)]
+    series = backbone_batch_sizes(client.get("/metrics").text)
+    sums, counts = [v for k, _, v in series if k == "sum"], [v for k, _, v in series if k == "count"]
     assert sum(counts) > 0
     assert sum(sums) / sum(counts) > 1.0, "no request was ever batched with another"
-    assert max(float(v) for v in re.findall(r'bentoml_service_adaptive_batch_size_bucket\{le="1.0"[^}]*method_name="embed"[^}]*\} (\S+)', text)) < sum(counts)
+    assert max(v for k, labels, v in series if k == "bucket" and 'le="1.0"' in labels) < sum(counts)
 
 
 def test_metrics_and_server_still_healthy(client):
