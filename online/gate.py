@@ -125,7 +125,7 @@ def evaluate_gate(
                        f"{ev.mean_gain:+.3f} against the offline-trained head (one-sided t-test p={ev.p_value:.3f}; needs p<={alpha:g})")
         codes.append(NO_EVIDENCE)
     m["feedback_p_worse"] = ev.p_worse
-    if ev.lost > ev.won and ev.p_worse <= worse_alpha:
+    if ev.lost > ev.won and ev.p_worse <= worse_alpha + 1e-9:  # at 0.5 exactly: every net loss (float noise aside)
         reasons.append(f"it answers worse than the offline-trained head on feedback: cross-fitted, won {ev.won} and lost {ev.lost} of {n} items "
                        f"(exact test p={ev.p_worse:.3f}; refused at p<={worse_alpha:g})")
         codes.append(ANSWERS_WORSE)

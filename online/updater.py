@@ -220,8 +220,6 @@ class Updater:
         version = self._register(candidate, champion, verdict, usable, new)
         promoted = verdict.passed
         self.registry.promote("head", version, CHAMPION if promoted else CHALLENGER)
-        if not promoted:
-            self.registry.client.set_model_version_tag(self.registry.names["head"], version, "gate_reason", verdict.summary)
         self.feedback.mark([i.id for i in new], USED, used_by_version=version)
         report = UpdateReport(self.task, version, champion.version, promoted, verdict.summary, len(new), len(usable),
                               left_out, time.time() - started, verdict.metrics, list(verdict.codes))
@@ -251,6 +249,8 @@ class Updater:
             "feedback_accuracy_crossfit": f"{verdict.metrics['feedback_accuracy_candidate']:.4f}",
             UNPROVEN_TAG: str(verdict.unproven_promotions),
         }
+        if not verdict.passed:  # with the version, before any alias names it: whoever sees the challenger sees why
+            tags["gate_reason"] = verdict.summary[:4000]
         with self.registry.start_run(f"online-update-from-v{champion.version}", tags={"kind": "online_update"}):
             mlflow.log_params({"parent_version": champion.version, "lineage_root": root, "new_items": len(new),
                                "feedback_items": len(taught),
