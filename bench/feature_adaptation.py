@@ -1,0 +1,301 @@
+"""What must adapt for infant feedback to move accuracy? Measured on the feedback half only.
+
+    .venv/bin/python -m bench.feature_adaptation                 # ~20-40 minutes on 2 CPU cores
+    .venv/bin/python -m bench.feature_adaptation --only as_is head_adapter
+
+The head-level adapter (heads/feedback.py) moves infant accuracy about 2 points: the 64-d
+embedding of a FER2013-trained backbone does not separate infant expressions much better
+whatever head sits on it. This bench measures what adapting more of the model would gain,
+before any of it is built into the service: 4-fold stratified cross-validation on the infant
+feedback half (each variant adapted on three folds, scored on the fourth, the same folds as
+bench/adapter_variants.py), and FER2013 validation accuracy of the adapted model (the gate
+allows a 1-point drop). The test half is never read.
+
+Variants:
+- as_is: the shipped head on the shipped embedding;
+- head_adapter: the shipped feedback head taught the folds (heads/feedback.py, the service's update);
+- pooled_lr: a logistic regression on the backbone's pooled features (before the 64-d projection),
+  with a FER2013 replay sample;
+- adabn: BatchNorm statistics re-estimated on infant and FER2013 crops, then head_adapter;
+- tune_<part>: the backbone's <part> (embed: the 64-d projection; layer4+embed; all) fine-tuned
+  on the folds (augmented, weighted) with FER2013 replay, then head_adapter on the new embedding;
+- each also blended with as_is (mean of probabilities), as a guard against forgetting.
+Results: bench/results/feature_adaptation.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from backbones.inference import embed_images
+from bench.common import (
+    DATA,
+    FER_CLASSES,
+    RESULTS,
+    bootstrap_home,
+    infant_split,
+    write_result,
+)
+from heads import configure_online
+from infantino.faces import create_detector
+from infantino.images import normalise, open_image
+from infantino.regions import find_regions
+from infantino.settings import Settings
+from registry.store import CHAMPION, ModelRegistry
+from training.augment import train_transform
+from training.data import load_dataset, stratified_split
+
+PARTS = {"embed": ("embed",), "layer4+embed": ("features.layer4", "embed"), "all": ("features", "embed")}
+
+
+def crops(files: list[Path], prep) -> np.ndarray:
+    detector = create_detector()
+    return np.stack([find_regions(open_image(f), prep, "largest", detector, keep_images=False)[0].array
+                     for f in tqdm(files, desc="face crops (feedback half)")])
+
+
+@torch.inference_mode()
+def pooled(model, x: np.ndarray, prep) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model.features(torch.from_numpy(normalise(x[i : i + 256], prep))).numpy()
+                           for i in range(0, len(x), 256)])
+
+
+@torch.no_grad()
+def adabn(model, x: np.ndarray, prep):
+    """BatchNorm running statistics re-estimated (cumulative average) on ``x``; weights untouched."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    order = np.random.default_rng(0).permutation(len(x))
+    for i in range(0, len(x), 64):
+        model(torch.from_numpy(normalise(x[order[i : i + 64]], prep)))
+    return model.eval()
+
+
+def fine_tune(model, part: str, x: np.ndarray, y: np.ndarray, replay_x: np.ndarray, replay_y: np.ndarray, prep,
+              epochs: int, lr: float, feedback_weight: float, seed: int = 0):
+    """Fine-tune ``part`` of a copy of the backbone (with its training classifier) on feedback + replay."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model)
+    trainable = [p for name, p in model.named_parameters()
+                 if name.startswith((*PARTS[part], "classifier"))]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-4)
+    transform = train_transform(prep, occlusion_p=0.0, erasing_p=0.1)
+    images = np.concatenate([x, replay_x])
+    labels = np.concatenate([y, replay_y])
+    weight = np.concatenate([np.full(len(y), feedback_weight), np.ones(len(replay_y))]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    steps = epochs * max(len(images) // 32, 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    step = 0
+    while step < steps:
+        order = rng.permutation(len(images))
+        for i in range(0, len(order) - 31, 32):
+            pick = order[i : i + 32]
+            model.train()
+            if part != "all":  # frozen BatchNorm statistics where the weights are frozen
+                for name, m in model.named_modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(PARTS[part]):
+                        m.eval()
+            xb = torch.stack([transform(torch.from_numpy(images[j]).permute(2, 0, 1)) for j in pick])
+            loss = torch.nn.functional.cross_entropy(model.logits(xb), torch.from_numpy(labels[pick]), reduction="none")
+            loss = (loss * torch.from_numpy(weight[pick])).sum() / torch.from_numpy(weight[pick]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step >= steps:
+                break
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--feedback-weight", type=float, default=3.0)
+    ap.add_argument("--replay", type=int, default=1000, help="FER2013 training images replayed by the fine-tunes")
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
+    args = ap.parse_args()
+    if args.plot_only:
+        return plot(json.loads((RESULTS / "feature_adaptation.json").read_text())["rows"], RESULTS / "feature_adaptation.png")
+    torch.set_num_threads(2)
+    started = time.time()
+    home = Path(tempfile.mkdtemp(prefix="feature-adaptation-")) / "home"
+    bootstrap_home(home).check_returncode()
+    settings = Settings(home=home)
+    registry = ModelRegistry(settings)
+    shipped = registry.load_head(CHAMPION)
+    backbone = registry.load_backbone(shipped.backbone_version)
+    model, prep = backbone.model.float().eval(), backbone.preprocessing
+    model = model.to(memory_format=torch.contiguous_format)
+    files, y, _, _ = infant_split()
+    x = crops(files, prep)
+    fer = load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES)
+    fer_train, fer_val = stratified_split(fer, 0.1, 0)
+    replay = fer_train.subset(np.random.default_rng(1).permutation(len(fer_train))[: args.replay])
+    val = fer_val.subset(np.random.default_rng(2).permutation(len(fer_val))[:1200])  # a fixed sample: enough to see 1 point
+    root = getattr(shipped.model, "base_", shipped.model)
+    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(x, y))
+
+    def head_taught(emb_fold, y_fold, replay_emb=None):
+        """The service's update: the feedback head around the shipped MLP, taught the fold."""
+        head = configure_online(copy.deepcopy(shipped.model), settings.online)
+        if replay_emb is not None:  # a new embedding: the replay sample must be in it too
+            head.replay_x_, head.replay_y_ = replay_emb.astype(np.float32), replay.y.astype(np.int64)
+        return head.partial_fit(emb_fold, y_fold)
+
+    rows: dict[str, dict] = {}
+    train_prior = np.bincount(fer_train.y, minlength=len(FER_CLASSES)) / len(fer_train.y)
+
+    def prior_shift(probs: list[np.ndarray], val_probs: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """Each fold's probabilities moved from FER2013's class prior to the prior of the feedback it
+        was taught; and the FER2013 validation accuracy of the fold models so moved (the cost of the shift)."""
+        def shifted(p, tr):
+            q = p * ((np.bincount(y[tr], minlength=len(FER_CLASSES)) + 1) / (len(tr) + len(FER_CLASSES)) / train_prior)
+            return q / q.sum(1, keepdims=True)
+        val_acc = float(np.mean([np.mean(shifted(v, tr).argmax(1) == val.y) for v, (tr, _) in zip(val_probs, folds)]))
+        return [shifted(p, tr) for p, (tr, _) in zip(probs, folds)], val_acc
+
+    def record(name: str, fold_probs: list[np.ndarray], val_acc: float, note: str = "") -> None:
+        cv = float(np.mean([np.mean(p.argmax(1) == y[held]) for p, (_, held) in zip(fold_probs, folds)]))
+        rows[name] = {"cv_accuracy": cv, "fer2013_val_accuracy": val_acc, "note": note}
+        base = rows.get("as_is", rows[name])
+        print(f"{name:>28}: CV {cv:.3f} ({100 * (cv - base['cv_accuracy']):+.1f} pts), FER2013 val {val_acc:.3f} "
+              f"({100 * (val_acc - base['fer2013_val_accuracy']):+.1f}) [{time.time() - started:.0f} s]", flush=True)
+
+    wanted = lambda name: not args.only or any(name.startswith(o) for o in args.only)
+    emb = embed_images(model, x, prep)
+    val_emb = embed_images(model, val.x, prep)
+    as_is_probs = [root.predict_proba(emb[held]) for _, held in folds]
+    record("as_is", as_is_probs, float(np.mean(root.predict(val_emb) == val.y)))
+    record("as_is+prior_shift", *prior_shift(as_is_probs, [root.predict_proba(val_emb)] * len(folds)))
+
+    if wanted("head_adapter"):
+        heads = [head_taught(emb[tr], y[tr]) for tr, _ in folds]
+        whole = head_taught(emb, y)
+        probs = [h.predict_proba(emb[held]) for h, (_, held) in zip(heads, folds)]
+        record("head_adapter", probs, float(np.mean(whole.predict(val_emb) == val.y)))
+        record("head_adapter+prior_shift", *prior_shift(probs, [h.predict_proba(val_emb) for h in heads]))
+
+    if wanted("pooled_lr"):
+        f_x, f_rep, f_val = pooled(model, x, prep), pooled(model, replay.x, prep), pooled(model, val.x, prep)
+        for w in (1.0, 3.0):
+            def fit(tr, w=w):
+                scaler = StandardScaler().fit(f_rep)
+                lr = LogisticRegression(C=0.05, max_iter=3000).fit(
+                    scaler.transform(np.vstack([f_x[tr], f_rep])), np.concatenate([y[tr], replay.y]),
+                    sample_weight=np.concatenate([np.full(len(tr), w), np.ones(len(replay.y))]))
+                return lambda f: lr.predict_proba(scaler.transform(f))
+            probs = [fit(tr)(f_x[held]) for tr, held in folds]
+            whole = fit(np.arange(len(y)))
+            record(f"pooled_lr_w{w:g}", probs, float(np.mean(whole(f_val).argmax(1) == val.y)))
+            record(f"pooled_lr_w{w:g}+as_is", [(p + a) / 2 for p, a in zip(probs, as_is_probs)],
+                   float(np.mean((whole(f_val) + root.predict_proba(val_emb)).argmax(1) == val.y)))
+
+    if wanted("adabn"):
+        probs, vals = [], []
+        for tr, held in folds:
+            adapted = adabn(model, np.concatenate([x[tr], replay.x[: 4 * len(tr)]]), prep)
+            e = embed_images(adapted, x, prep)
+            rep = embed_images(adapted, replay.x, prep)
+            head = head_taught(e[tr], y[tr], rep)
+            probs.append(head.predict_proba(e[held]))
+            vals.append(float(np.mean(head.predict(embed_images(adapted, val.x, prep)) == val.y)))
+        record("adabn", probs, float(np.mean(vals)), "FER2013 val: mean over the fold models")
+
+    for part in PARTS:
+        name = f"tune_{part}"
+        if not wanted(name):
+            continue
+        probs, blend, vals, blend_vals, logit_probs, logit_vals, logit_val_probs, head_val_probs = ([] for _ in range(8))
+        for k, (tr, held) in enumerate(folds):
+            tuned = fine_tune(model, part, x[tr], y[tr], replay.x, replay.y, prep, args.epochs, args.lr, args.feedback_weight)
+            e, rep, v = embed_images(tuned, x, prep), embed_images(tuned, replay.x, prep), embed_images(tuned, val.x, prep)
+            head = head_taught(e[tr], y[tr], rep)
+            probs.append(head.predict_proba(e[held]))
+            blend.append((probs[-1] + as_is_probs[k]) / 2)
+            vals.append(float(np.mean(head.predict(v) == val.y)))
+            blend_vals.append(float(np.mean((head.predict_proba(v) + root.predict_proba(val_emb)).argmax(1) == val.y)))
+            with torch.inference_mode():
+                logit_probs.append(torch.softmax(tuned.classifier(torch.from_numpy(e[held])), 1).numpy())
+                logit_val_probs.append(torch.softmax(tuned.classifier(torch.from_numpy(v)), 1).numpy())
+                logit_vals.append(float(np.mean(logit_val_probs[-1].argmax(1) == val.y)))
+            head_val_probs.append(head.predict_proba(v))
+            print(f"  {name} fold {k}: {np.mean(probs[-1].argmax(1) == y[held]):.3f} "
+                  f"(as-is {np.mean(as_is_probs[k].argmax(1) == y[held]):.3f}), val {vals[-1]:.3f}", flush=True)
+        note = f"epochs {args.epochs}, lr {args.lr}, feedback weight {args.feedback_weight}, replay {args.replay}"
+        record(name, probs, float(np.mean(vals)), note)
+        record(name + "+as_is", blend, float(np.mean(blend_vals)), note)
+        record(name + " (training classifier)", logit_probs, float(np.mean(logit_vals)), note)
+        record(name + " (training classifier)+prior_shift", *prior_shift(logit_probs, logit_val_probs), note)
+        record(name + "+prior_shift", *prior_shift(probs, head_val_probs), note)
+
+    # --only runs add to (or replace) the rows of earlier runs, each row with the arguments it ran with.
+    for row in rows.values():
+        row["args"] = {k: v for k, v in vars(args).items() if k != "only"}
+    earlier = RESULTS / "feature_adaptation.json"
+    if args.only and earlier.exists():
+        rows = {**json.loads(earlier.read_text()).get("rows", {}), **rows}
+    path = write_result("feature_adaptation", {
+        "command": "python -m bench.feature_adaptation",
+        "data": "feedback half of the infant photos (4 stratified folds); FER2013 validation: a fixed 1200-image sample",
+        "rows": rows})
+    plot(rows, RESULTS / "feature_adaptation.png")
+    print(path)
+
+
+def plot(rows: dict, path: Path) -> None:
+    """Infant gain against FER2013 change, one point per variant: the trade at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows["as_is"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.axvspan(-1, 10, color="tab:green", alpha=0.07, label="FER2013 within the gate's 1 point")
+    ax.axhline(8, color="tab:red", ls=":", label="issue 11's goal: +8 points")
+    for name, row in rows.items():
+        if not np.isfinite(row["fer2013_val_accuracy"]):
+            continue
+        dx, dy = 100 * (row["fer2013_val_accuracy"] - base["fer2013_val_accuracy"]), 100 * (row["cv_accuracy"] - base["cv_accuracy"])
+        ax.plot(dx, dy, "o", color="tab:blue" if name.startswith("tune") else "tab:grey")
+        ax.annotate(name, (dx, dy), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlim(-8, 1)
+    ax.set_xlabel("FER2013 validation accuracy change (points)")
+    ax.set_ylabel("infant accuracy gain over as-is (points, 4-fold CV on the feedback half)")
+    ax.set_title("What must adapt? Head-level variants (grey) vs fine-tuned backbone parts (blue)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+if __name__ == "__main__":
+    main()
