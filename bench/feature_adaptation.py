@@ -19,7 +19,9 @@ Variants:
 - adabn: BatchNorm statistics re-estimated on infant and FER2013 crops, then head_adapter;
 - tune_<part>: the backbone's <part> (embed: the 64-d projection; layer4+embed; all) fine-tuned
   on the folds (augmented, weighted) with FER2013 replay, then head_adapter on the new embedding;
-- each also blended with as_is (mean of probabilities), as a guard against forgetting.
+- each also blended with as_is (mean of probabilities), as a guard against forgetting;
+- tune_<part> (training classifier, interpolated w): the fine-tuned weights moved only w of the way
+  from the shipped ones (WiSE-FT, training/adapt.py), the trade `infantino adapt` chooses along.
 Results: bench/results/feature_adaptation.json and .png.
 """
 
@@ -54,10 +56,8 @@ from infantino.images import normalise, open_image
 from infantino.regions import find_regions
 from infantino.settings import Settings
 from registry.store import CHAMPION, ModelRegistry
-from training.augment import train_transform
+from training.adapt import PARTS, AdaptConfig, classifier_proba, fine_tune, interpolate
 from training.data import load_dataset, stratified_split
-
-PARTS = {"embed": ("embed",), "layer4+embed": ("features.layer4", "embed"), "all": ("features", "embed")}
 
 
 def crops(files: list[Path], prep) -> np.ndarray:
@@ -88,48 +88,6 @@ def adabn(model, x: np.ndarray, prep):
     return model.eval()
 
 
-def fine_tune(model, part: str, x: np.ndarray, y: np.ndarray, replay_x: np.ndarray, replay_y: np.ndarray, prep,
-              epochs: int, lr: float, feedback_weight: float, seed: int = 0):
-    """Fine-tune ``part`` of a copy of the backbone (with its training classifier) on feedback + replay."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(model)
-    trainable = [p for name, p in model.named_parameters()
-                 if name.startswith((*PARTS[part], "classifier"))]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-4)
-    transform = train_transform(prep, occlusion_p=0.0, erasing_p=0.1)
-    images = np.concatenate([x, replay_x])
-    labels = np.concatenate([y, replay_y])
-    weight = np.concatenate([np.full(len(y), feedback_weight), np.ones(len(replay_y))]).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    steps = epochs * max(len(images) // 32, 1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
-    step = 0
-    while step < steps:
-        order = rng.permutation(len(images))
-        for i in range(0, len(order) - 31, 32):
-            pick = order[i : i + 32]
-            model.train()
-            if part != "all":  # frozen BatchNorm statistics where the weights are frozen
-                for name, m in model.named_modules():
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(PARTS[part]):
-                        m.eval()
-            xb = torch.stack([transform(torch.from_numpy(images[j]).permute(2, 0, 1)) for j in pick])
-            loss = torch.nn.functional.cross_entropy(model.logits(xb), torch.from_numpy(labels[pick]), reduction="none")
-            loss = (loss * torch.from_numpy(weight[pick])).sum() / torch.from_numpy(weight[pick]).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= steps:
-                break
-    return model.eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
@@ -137,6 +95,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--feedback-weight", type=float, default=3.0)
     ap.add_argument("--replay", type=int, default=1000, help="FER2013 training images replayed by the fine-tunes")
+    ap.add_argument("--distill", type=float, default=0.0, help="distillation weight on replayed images (training/adapt.py)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
     args = ap.parse_args()
@@ -229,15 +188,23 @@ def main() -> None:
             vals.append(float(np.mean(head.predict(embed_images(adapted, val.x, prep)) == val.y)))
         record("adabn", probs, float(np.mean(vals)), "FER2013 val: mean over the fold models")
 
-    fine_tune_args = f"epochs {args.epochs}, lr {args.lr:g}, weight {args.feedback_weight:g}, replay {args.replay}"
+    fine_tune_args = (f"epochs {args.epochs}, lr {args.lr:g}, weight {args.feedback_weight:g}, replay {args.replay}"
+                      + (f", distill {args.distill:g}" if args.distill else ""))
     defaults = "epochs 8, lr 0.0003, weight 3, replay 1000"  # the rows of other arguments are named with theirs
     for part in PARTS:
         name = f"tune_{part}" + ("" if defaults == fine_tune_args else f" [{fine_tune_args}]")
         if not wanted(f"tune_{part}"):
             continue
         probs, blend, vals, blend_vals, logit_probs, logit_vals, logit_val_probs, head_val_probs = ([] for _ in range(8))
+        cfg = AdaptConfig(part=part, epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight, replay_size=args.replay,
+                          distill=args.distill)
+        interpolated = {w: ([], []) for w in cfg.interpolation_grid if w < 1}  # weight -> (fold probs, fold val accuracies)
         for k, (tr, held) in enumerate(folds):
-            tuned = fine_tune(model, part, x[tr], y[tr], replay.x, replay.y, prep, args.epochs, args.lr, args.feedback_weight)
+            tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
+            for w, (w_probs, w_vals) in interpolated.items():
+                between = interpolate(model, tuned, w)
+                w_probs.append(classifier_proba(between, embed_images(between, x[held], prep)))
+                w_vals.append(float(np.mean(classifier_proba(between, embed_images(between, val.x, prep)).argmax(1) == val.y)))
             e, rep, v = embed_images(tuned, x, prep), embed_images(tuned, replay.x, prep), embed_images(tuned, val.x, prep)
             head = head_taught(e[tr], y[tr], rep)
             probs.append(head.predict_proba(e[held]))
@@ -255,6 +222,8 @@ def main() -> None:
         record(name, probs, float(np.mean(vals)), note)
         record(name + "+as_is", blend, float(np.mean(blend_vals)), note)
         record(name + " (training classifier)", logit_probs, float(np.mean(logit_vals)), note)
+        for w, (w_probs, w_vals) in interpolated.items():
+            record(f"{name} (training classifier, interpolated {w:g})", w_probs, float(np.mean(w_vals)), note)
         record(name + " (training classifier)+prior_shift", *prior_shift(logit_probs, logit_val_probs), note)
         record(name + " (training classifier)+half_prior_shift", *prior_shift(logit_probs, logit_val_probs, 0.5), note)
         record(name + "+prior_shift", *prior_shift(probs, head_val_probs), note)
@@ -274,32 +243,55 @@ def main() -> None:
 
 
 def plot(rows: dict, path: Path) -> None:
-    """Infant gain against FER2013 change, one point per variant: the trade at a glance."""
+    """Infant gain against FER2013 change, one point per variant: the trade at a glance. The
+    interpolated fine-tunes of one row are drawn as a line from it (weight 1) toward as-is."""
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = rows["as_is"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+
+    def point(row):
+        return 100 * (row["fer2013_val_accuracy"] - base["fer2013_val_accuracy"]), 100 * (row["cv_accuracy"] - base["cv_accuracy"])
+
+    def short(name):  # the plot's labels: the arguments abbreviated, the common ones left out
+        for long, brief in (("tune_", ""), ("training classifier", "clf"), ("epochs 8, lr 0.0003, ", ""),
+                            ("weight ", "w"), ("replay ", "replay "), ("distill ", "distill ")):
+            name = name.replace(long, brief)
+        return name
+
+    fig, ax = plt.subplots(figsize=(11, 7))
     ax.axvspan(-1, 10, color="tab:green", alpha=0.07, label="FER2013 within the gate's 1 point")
     ax.axhline(8, color="tab:red", ls=":", label="issue 11's goal: +8 points")
+    chains: dict[str, list] = {}
     for name, row in rows.items():
         if not np.isfinite(row["fer2013_val_accuracy"]):
             continue
-        dx, dy = 100 * (row["fer2013_val_accuracy"] - base["fer2013_val_accuracy"]), 100 * (row["cv_accuracy"] - base["cv_accuracy"])
+        dx, dy = point(row)
+        if (m := re.match(r"(.*) \(training classifier, interpolated ([\d.]+)\)$", name)):
+            chains.setdefault(m.group(1), []).append((float(m.group(2)), dx, dy))
+            continue
         ax.plot(dx, dy, "o", color="tab:blue" if name.startswith("tune") else "tab:grey")
-        ax.annotate(name, (dx, dy), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
-    ax.set_xlim(-8, 1)
+        ax.annotate(short(name), (dx, dy), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+    for stem, chain in chains.items():
+        start = rows.get(f"{stem} (training classifier)")
+        chain = sorted(chain, reverse=True) if start is None else [(1.0, *point(start)), *sorted(chain, reverse=True)]
+        ax.plot([c[1] for c in chain], [c[2] for c in chain], ".-", color="tab:orange", alpha=0.8, lw=1,
+                label="weights interpolated toward the shipped ones (WiSE-FT), weight at each dot" if stem == next(iter(chains)) else None)
+        for w, dx, dy in chain[1:]:
+            ax.annotate(f"{w:g}", (dx, dy), fontsize=6, color="tab:orange", xytext=(-4, -9), textcoords="offset points")
+    ax.set_xlim(-8, 1.5)
     ax.set_xlabel("FER2013 validation accuracy change (points)")
     ax.set_ylabel("infant accuracy gain over as-is (points, 4-fold CV on the feedback half)")
-    ax.set_title("What must adapt? Head-level variants (grey) vs fine-tuned backbone parts (blue)")
+    ax.set_title("What must adapt? Head-level variants (grey), fine-tuned backbone parts (blue)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 
 if __name__ == "__main__":

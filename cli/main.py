@@ -6,11 +6,12 @@
     infantino promote VERSION              make a head (or backbone) version champion
     infantino rollback                     move champion back to the previous champion
     infantino update                       run an online update from queued feedback now
+    infantino adapt                        fine-tune the champion's backbone from stored feedback images, gated
     infantino bootstrap                    register the shipped model if the registry has no champion
     infantino bundle                       copy the champions into BentoML's store (before `bentoml build`)
     infantino settings                     every setting: its environment variable, default and meaning
 
-The top floor: it composes the others (training, registry, online, store) for people.
+The top floor: it composes the others (training, registry, online, adaptation, store) for people.
 """
 
 from __future__ import annotations
@@ -103,10 +104,10 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
     train one model with DistributedDataParallel (gloo on CPU, nccl on GPUs), --batch-size is the
     global batch, and rank 0 alone writes checkpoints and registers.
     """
+    from backbones.model import BackboneError
     from registry.store import RegistryError
     from training import distributed
     from training.data import DatasetError
-    from backbones.model import BackboneError
     from training.pipeline import train_and_register
     from training.trainer import TrainConfig
 
@@ -142,12 +143,10 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
 @uri_option
 def evaluate(data, version, limit, holdout, seed, confusion_png, tta, task, tracking_uri):
     """Score a registered model on labelled data (accuracy, macro-F1, recall, ECE, occluded)."""
-    from training.data import load_dataset, stratified_split
+    from registry.store import RegistryError
+    from training.data import DatasetError, load_dataset, stratified_split
     from training.evaluate import save_confusion_matrix
     from training.pipeline import evaluate_pair
-
-    from registry.store import RegistryError
-    from training.data import DatasetError
 
     reg = _registry(task, tracking_uri)
     try:
@@ -236,6 +235,56 @@ def update(force, task, tracking_uri):
     report = Updater(get_settings().online, reg, stores.feedback, stores.lease, embed=torch_embedder(reg)).run_once(force=force)
     if report is None:
         raise click.ClickException("no update ran: nothing queued (or below the threshold without --force), or another process holds the lease")
+    click.echo(json.dumps(report.to_dict(), indent=2))
+
+
+@main.command()
+@click.option("--data", "data_path", default=None, help="The champion's training data (replayed, and its validation split "
+              "checked by the gate). Default: the path recorded with the champion's backbone.")
+@click.option("--part", type=click.Choice(["embed", "layer4+embed", "all"]), default="layer4+embed",
+              help="What of the backbone learns (with its classifier); chosen by bench/feature_adaptation.py.")
+@click.option("--epochs", type=int, default=8)
+@click.option("--lr", type=float, default=3e-4)
+@click.option("--feedback-weight", type=float, default=3.0, help="A feedback image against a replayed training image.")
+@click.option("--replay", "replay_size", type=int, default=1000, help="Training images replayed beside the feedback.")
+@click.option("--distill", type=click.FloatRange(0), default=None,
+              help="Weight of matching the champion's answers on replayed images (learning without forgetting).")
+@click.option("--interpolation", "interpolation_grid", type=click.FloatRange(0, 1, min_open=True), multiple=True,
+              help="Interpolation weights tried between the backbone and its fine-tune (1: the fine-tune; repeat the "
+                   "option); the largest within half the gate's allowed old-domain drop is kept. Default: 1 .85 .7 .55 .4 .25.")
+@click.option("--limit", type=int, default=None, help="Read at most this many training images (for quick tries).")
+@task_option
+@uri_option
+def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, interpolation_grid, limit, task, tracking_uri):
+    """Fine-tune the champion's backbone on all stored feedback images (with replay of its training
+    data), gate it like an online update, register backbone + head, promote if the gate passes."""
+    from pathlib import Path
+
+    from adaptation.backbone import AdaptationError, adapt_from_feedback
+    from infantino.settings import get_settings
+    from registry.store import CHAMPION
+    from store import Stores
+    from training.adapt import AdaptConfig
+    from training.data import load_dataset
+
+    reg = _registry(task, tracking_uri)
+    champion = reg.load_head(CHAMPION)
+    backbone = reg.version_info("backbone", champion.backbone_version)
+    data_path = data_path or backbone.tags.get("data")
+    if not data_path or not Path(data_path).exists():
+        raise click.ClickException(f"the champion's training data is needed for replay: pass --data PATH "
+                                   f"(recorded with backbone v{champion.backbone_version}: {backbone.tags.get('data')!r})")
+    prep = reg.load_backbone(champion.backbone_version).preprocessing
+    data = load_dataset(data_path, prep.input_size, prep.grayscale, champion.classes, limit=limit)
+    stores = Stores.open(get_settings().storage.database_url)
+    cfg = AdaptConfig(part=part, epochs=epochs, lr=lr, feedback_weight=feedback_weight, replay_size=replay_size,
+                      **({"interpolation_grid": tuple(interpolation_grid)} if interpolation_grid else {}),
+                      **({"distill": distill} if distill is not None else {}))
+    try:
+        report = adapt_from_feedback(reg, stores.feedback, get_settings().online, data, cfg,
+                                     say=lambda *a, **k: click.echo(" ".join(map(str, a)), err=True))
+    except AdaptationError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(report.to_dict(), indent=2))
 
 

@@ -1,0 +1,135 @@
+"""Backbone adaptation from stored feedback images: gated, registered as a pair with lineage, rolled back as one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adaptation.backbone import (
+    AdaptationError,
+    adapt_from_feedback,
+    choose_interpolation,
+)
+from backbones.inference import embed_images
+from backbones.model import create_backbone
+from cli.main import main as cli
+from infantino.images import open_image, to_model_array
+from infantino.settings import Settings
+from registry.store import CHALLENGER, CHAMPION
+from store import Stores
+from testkit.faces import TINY_CLASSES, faces
+from testkit.registry import train_tiny_registry
+from training.adapt import AdaptConfig, classifier_proba, interpolate
+from training.data import load_dataset
+
+QUICK = AdaptConfig(part="all", epochs=2, replay_size=24, batch_size=8)
+
+
+def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_safe_weight_is_chosen():
+    torch.manual_seed(0)
+    original, tuned = create_backbone("resnet10t", n_classes=3), create_backbone("resnet10t", n_classes=3)
+    x = torch.rand(2, 3, 48, 48)
+    for model in (original, tuned):
+        model.eval()
+    with torch.no_grad():
+        assert torch.allclose(interpolate(original, tuned, 1.0)(x), tuned(x), atol=1e-5)
+        assert torch.allclose(interpolate(original, tuned, 1e-9)(x), original(x), atol=1e-4)
+        half = interpolate(original, tuned, 0.5).state_dict()
+        key = "classifier.weight"
+        assert torch.allclose(half[key], (original.state_dict()[key] + tuned.state_dict()[key]) / 2)
+    assert not torch.equal(original.state_dict()[key], half[key])  # the original is not changed
+
+    # An old-domain accuracy that falls as the weight moves toward the fine-tune: 0.80 - 0.04 * weight.
+    def accuracy_of(model):
+        w = float((model.state_dict()[key] - original.state_dict()[key]).norm()
+                  / (tuned.state_dict()[key] - original.state_dict()[key]).norm())
+        return 0.80 - 0.04 * w
+
+    cfg = AdaptConfig(interpolation_grid=(0.25, 1.0, 0.5, 0.75))
+    quiet = lambda *a, **k: None
+    assert choose_interpolation(original, tuned, cfg, 0.80, 0.021, accuracy_of, quiet) == 0.5
+    assert choose_interpolation(original, tuned, cfg, 0.80, 0.05, accuracy_of, quiet) == 1.0
+    assert choose_interpolation(original, tuned, cfg, 0.80, 0.001, accuracy_of, quiet) == 0.25  # none safe: the least
+    with pytest.raises(ValueError, match="interpolation_grid"):
+        AdaptConfig(interpolation_grid=(0.0, 1.0))
+
+
+def store_feedback(registry, database_url: str, n_per_class: int):
+    stores = Stores.open(database_url)
+    old = registry.load_backbone("1")
+    prep = old.preprocessing
+    for img, label in faces(n_per_class, seed=9, shifted=True):
+        x = to_model_array(open_image(img), prep.input_size, prep.grayscale)[None]
+        stores.feedback.add(task="expression", label=label, embedding=embed_images(old.model, x, prep)[0], backbone_version="1", image=img)
+    return stores
+
+
+def training_data(registry):
+    prep = registry.load_backbone("1").preprocessing
+    return load_dataset(registry.version_info("backbone", "1").tags["data"], prep.input_size, prep.grayscale, list(TINY_CLASSES))
+
+
+@pytest.mark.slow
+def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_restores_both(infantino_home):
+    registry = train_tiny_registry(infantino_home, epochs=3)
+    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9, gate_max_val_drop=1.0)
+    stores = store_feedback(registry, settings.storage.database_url, 4)
+
+    report = adapt_from_feedback(registry, stores.feedback, settings.online, training_data(registry), QUICK, val_fraction=0.25)
+
+    assert report.promoted, report.verdict
+    head = registry.load_head(CHAMPION)
+    assert (head.version, head.backbone_version) == (report.head_version, report.backbone_version) == ("2", "2")
+    assert registry.champion_version("backbone") == "2"
+    assert head.tags["origin"] == "feedback_adaptation" and head.tags["parent_version"] == "1"
+    assert head.tags["parent_backbone_version"] == "1" and head.tags["feedback_items"] == "12"
+    backbone = registry.load_backbone("2")
+    assert backbone.tags["origin"] == "feedback_adaptation" and backbone.preprocessing == registry.load_backbone("1").preprocessing
+    # The served pair answers with the fine-tuned classifier: the registered head on the new backbone's embedding.
+    img = faces(1, seed=3)[0][0]
+    x = to_model_array(open_image(img), backbone.preprocessing.input_size, backbone.preprocessing.grayscale)[None]
+    emb = embed_images(backbone.model, x, backbone.preprocessing)
+    expected = classifier_proba(backbone.model, emb)
+    np.testing.assert_allclose(head.model.predict_proba(emb), expected, atol=1e-5)
+    # The gate's old-domain check is stored with the head, in the new embedding, for later online updates.
+    _, validation = registry.load_embeddings(head)
+    assert validation.x.shape[1] == 64 and len(validation) > 0
+
+    assert registry.rollback("head") == "1"
+    assert registry.champion_version("backbone") == "1"
+
+
+@pytest.mark.slow
+def test_a_refused_adaptation_is_a_challenger_with_its_reason_and_the_champion_stays(infantino_home):
+    registry = train_tiny_registry(infantino_home, epochs=3)
+    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1e-9)  # no gain is that certain
+    stores = store_feedback(registry, settings.storage.database_url, 4)
+
+    report = adapt_from_feedback(registry, stores.feedback, settings.online, training_data(registry), QUICK, val_fraction=0.25)
+
+    assert not report.promoted and report.gate_codes
+    assert registry.champion_version("head") == "1" and registry.champion_version("backbone") == "1"
+    assert registry.champion_version("head", CHALLENGER) == report.head_version
+    assert registry.load_head(report.head_version).tags["gate_reason"] == report.verdict
+
+
+@pytest.mark.slow
+def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(infantino_home):
+    registry = train_tiny_registry(infantino_home, epochs=3)
+    settings = Settings(home=infantino_home)
+    store_feedback(registry, settings.storage.database_url, 1)  # 3 items < gate_min_items (20)
+    with pytest.raises(AdaptationError, match="at least 20 feedback items"):
+        adapt_from_feedback(registry, Stores.open(settings.storage.database_url).feedback, settings.online, training_data(registry), QUICK)
+    result = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1"])
+    assert result.exit_code != 0 and "at least 20 feedback items" in result.output
+
+    store_feedback(registry, settings.storage.database_url, 6)  # now 21
+    result = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16", "--distill", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # the progress goes to stderr
+    assert report["feedback_items"] == 21 and report["backbone_version"] == "2"
+    assert registry.version_info("head", report["head_version"]).tags["origin"] == "feedback_adaptation"

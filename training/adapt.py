@@ -1,0 +1,158 @@
+"""Fine-tune part of a trained backbone on a few new-domain images, with replay of its training data.
+
+What the feedback adaptation (adaptation/) runs on stored feedback images, and what
+bench/feature_adaptation.py measured: on the infant feedback half, fine-tuning layer4 and the
+64-d projection together with the backbone's own training classifier gained +4.3 points at a
+FER2013 cost of 1.1 (the head alone on the fixed embedding: -0.9 to +0.9). The defaults of
+``AdaptConfig`` are those measured settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from backbones.inference import embed_images
+from backbones.model import EmbeddingNet
+from infantino.images import Preprocessing
+from training.augment import train_transform
+
+# Which parameters each ``part`` trains (by name prefix); the training classifier always trains.
+PARTS = {"embed": ("embed",), "layer4+embed": ("features.layer4", "embed"), "all": ("features", "embed")}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    part: str = "layer4+embed"
+    epochs: int = 8
+    lr: float = 3e-4
+    feedback_weight: float = 3.0  # a feedback image against a replayed training image, in the loss
+    replay_size: int = 1000  # training images replayed beside the feedback
+    batch_size: int = 32
+    seed: int = 0
+    # Learning without forgetting (Li & Hoiem, 2017): on replayed images, also match the original
+    # model's softened answers (temperature 2), weighted so; 0: replayed labels only.
+    distill: float = 0.0
+    # WiSE-FT (Wortsman et al., 2022): the weights served are interpolate(original, fine-tuned, w),
+    # w the largest of these whose old-domain cost stays within ``val_budget`` of the gate's allowed
+    # drop, measured on a part of the validation split the gate does not see (adaptation/backbone.py).
+    interpolation_grid: tuple[float, ...] = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
+    val_budget: float = 0.5
+
+    def __post_init__(self):
+        if self.part not in PARTS:
+            raise ValueError(f"part must be one of {sorted(PARTS)}, got {self.part!r}")
+        if not self.interpolation_grid or not all(0 < w <= 1 for w in self.interpolation_grid):
+            raise ValueError(f"interpolation_grid must hold weights in (0, 1], got {self.interpolation_grid}")
+
+    def to_params(self) -> dict:
+        return {f"adapt_{k}": v for k, v in asdict(self).items()}
+
+
+def _trainable(model: EmbeddingNet, part: str) -> list[torch.nn.Parameter]:
+    prefixes = (*PARTS[part], "classifier")
+    return [p for name, p in model.named_parameters() if name.startswith(prefixes)]
+
+
+def fine_tune(model: EmbeddingNet, x: np.ndarray, y: np.ndarray, replay_x: np.ndarray, replay_y: np.ndarray,
+              prep: Preprocessing, cfg: AdaptConfig = AdaptConfig()) -> EmbeddingNet:
+    """A fine-tuned copy of ``model`` (``model`` itself is not changed), in eval mode on the CPU.
+
+    ``x``/``y``: the new-domain images (uint8 N x S x S x 3, at the model's input size) and
+    labels; ``replay_*``: training images that keep the old domain. Only ``cfg.part`` (and the
+    training classifier) learns; BatchNorm statistics outside it stay as trained.
+    """
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill else None
+    trainable = _trainable(model, cfg.part)
+    stage = PARTS[cfg.part][0]
+    if stage.startswith("features.") and not any(name.startswith(stage) for name, _ in model.named_parameters()):
+        raise ValueError(f"part {cfg.part!r} names no layer of this backbone ({PARTS[cfg.part][0]} is resnet's last stage); "
+                         f"use 'embed' or 'all'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    frozen_norms = [m for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(PARTS[cfg.part])]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-4)
+    transform = train_transform(prep, occlusion_p=0.0, erasing_p=0.1)
+    images, labels = np.concatenate([x, replay_x]), np.concatenate([y, replay_y]).astype(np.int64)
+    weight = np.concatenate([np.full(len(y), cfg.feedback_weight), np.ones(len(replay_y))]).astype(np.float32)
+    batch = max(min(cfg.batch_size, len(images) - len(images) % 2), 2)  # BatchNorm needs 2 a batch
+    steps = cfg.epochs * max(len(images) // batch, 1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps, pct_start=0.15)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    while step < steps:
+        order = rng.permutation(len(images))
+        for start in range(0, len(order) - batch + 1, batch):
+            pick = order[start : start + batch]
+            model.train()
+            for m in frozen_norms:
+                m.eval()
+            xb = torch.stack([transform(torch.from_numpy(images[j]).permute(2, 0, 1)) for j in pick])
+            w = torch.from_numpy(weight[pick])
+            logits = model.logits(xb)
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels[pick]), reduction="none")
+            loss = (loss * w).sum() / w.sum()
+            replayed = torch.from_numpy(pick >= len(y))
+            if cfg.distill and replayed.any():
+                loss = loss + cfg.distill * _distillation(logits[replayed], teacher.logits(xb[replayed]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step >= steps:
+                break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
+
+
+def _distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened answers, scaled by T^2 (Hinton et al., 2015)."""
+    t = temperature
+    return torch.nn.functional.kl_div(torch.log_softmax(student_logits / t, 1), torch.log_softmax(teacher_logits.detach() / t, 1),
+                                      reduction="batchmean", log_target=True) * t * t
+
+
+@torch.no_grad()
+def interpolate(original: EmbeddingNet, tuned: EmbeddingNet, weight: float) -> EmbeddingNet:
+    """A copy of ``tuned`` whose weights (and normalisation statistics) lie ``weight`` of the way from
+    ``original`` to ``tuned``: 1 is the fine-tune, 0 the original. Interpolated weights keep most of a
+    fine-tune's new-domain gain at a fraction of its old-domain cost (WiSE-FT)."""
+    a, b = original.state_dict(), tuned.state_dict()
+    mixed = {k: torch.lerp(a[k].to(v.dtype), v, weight) if v.is_floating_point() else v for k, v in b.items()}
+    model = copy.deepcopy(tuned)
+    model.load_state_dict(mixed)
+    return model.eval()
+
+
+@torch.inference_mode()
+def classifier_proba(model: EmbeddingNet, embeddings: np.ndarray) -> np.ndarray:
+    """The backbone's own training classifier on its embeddings, as probabilities."""
+    return torch.softmax(model.classifier(torch.from_numpy(np.asarray(embeddings, np.float32))), 1).numpy()
+
+
+def proba(model: EmbeddingNet, x: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Images -> the training classifier's probabilities."""
+    return classifier_proba(model, embed_images(model, x, prep))
+
+
+def classifier_head(model: EmbeddingNet):
+    """The training classifier as a scikit-learn estimator (a multinomial logistic regression with
+    its weights), so it can be registered and served like any head: same probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    weight, bias = model.classifier.weight.detach().cpu().numpy(), model.classifier.bias.detach().cpu().numpy()
+    head = LogisticRegression()
+    head.coef_, head.intercept_ = weight.astype(np.float64), bias.astype(np.float64)
+    head.classes_, head.n_features_in_ = np.arange(len(bias)), weight.shape[1]
+    head.n_iter_ = np.array([0])
+    return head
