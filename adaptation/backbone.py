@@ -19,6 +19,7 @@ and with it the previous backbone (registry/store.py). Run it with ``infantino a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -58,6 +59,10 @@ class AdaptationError(RuntimeError):
     """The adaptation cannot run as asked (too little feedback with images, wrong data...)."""
 
 
+class NothingNew(AdaptationError):
+    """The champion or challenger was already adapted from exactly the stored feedback."""
+
+
 @dataclass
 class AdaptationReport:
     task: str
@@ -77,11 +82,14 @@ class AdaptationReport:
 
 
 def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settings: OnlineSettings, training_data: LabelledImages,
-                        cfg: AdaptConfig | None = None, val_fraction: float = 0.1, seed: int = 0, say=print) -> AdaptationReport:
+                        cfg: AdaptConfig | None = None, val_fraction: float = 0.1, seed: int = 0, force: bool = False,
+                        say=print) -> AdaptationReport:
     """Fine-tune the champion's backbone on all stored feedback with images; gate; register; promote.
 
     ``training_data``: the data the champion was trained on (its training split is replayed, its
     validation split is the gate's old-domain check), at the backbone's input size and colour mode.
+    Raises ``NothingNew`` if the champion or challenger came from exactly these feedback items
+    (unless ``force``): a scheduled run with nothing new returns at once.
     """
     started = time.time()
     cfg = cfg or AdaptConfig()
@@ -95,6 +103,14 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     if len(items) < settings.gate_min_items:
         raise AdaptationError(f"backbone adaptation needs at least {settings.gate_min_items} feedback items with images "
                               f"(gate_min_items); {len(items)} stored")
+    fingerprint = hashlib.sha256("\n".join(sorted(i.id for i in items)).encode()).hexdigest()[:16]
+    if not force:
+        for alias in (CHAMPION, CHALLENGER):  # a scheduled job must not redo the same work every run
+            version = registry.champion_version("head", alias)
+            info = registry.version_info("head", version) if version else None
+            if info is not None and info.tags.get("feedback_fingerprint") == fingerprint:
+                raise NothingNew(f"head v{version} ({alias}) was already adapted from these {len(items)} feedback items; "
+                                 "nothing new to learn (force to redo)")
     x = np.stack([to_model_array(open_image(i.image, reduce_to=prep.input_size), prep.input_size, prep.grayscale) for i in items])
     y = np.array([classes.index(i.label) for i in items], np.int64)
     train, val = stratified_split(training_data, val_fraction, seed)
@@ -136,7 +152,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
 
     tags = {"origin": ORIGIN, "parent_version": champion.version, "parent_backbone_version": champion.backbone_version,
             "gate": verdict.summary[:4000], "feedback_items": str(len(items)), "val_accuracy": f"{val_candidate:.4f}",
-            "interpolation_weight": f"{weight:g}",
+            "interpolation_weight": f"{weight:g}", "feedback_fingerprint": fingerprint,
             "feedback_accuracy_crossfit": f"{verdict.metrics['feedback_accuracy_candidate']:.4f}",
             **{k: backbone.tags[k] for k in ("backbone_name", "data", "data_fingerprint") if k in backbone.tags}}
     if not verdict.passed:

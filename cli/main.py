@@ -253,14 +253,15 @@ def update(force, task, tracking_uri):
               help="Interpolation weights tried between the backbone and its fine-tune (1: the fine-tune; repeat the "
                    "option); the largest within half the gate's allowed old-domain drop is kept. Default: 1 .85 .7 .55 .4 .25.")
 @click.option("--limit", type=int, default=None, help="Read at most this many training images (for quick tries).")
+@click.option("--force", is_flag=True, help="Adapt even if the champion or challenger came from exactly the stored feedback.")
 @task_option
 @uri_option
-def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, interpolation_grid, limit, task, tracking_uri):
+def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, interpolation_grid, limit, force, task, tracking_uri):
     """Fine-tune the champion's backbone on all stored feedback images (with replay of its training
     data), gate it like an online update, register backbone + head, promote if the gate passes."""
     from pathlib import Path
 
-    from adaptation.backbone import AdaptationError, adapt_from_feedback
+    from adaptation.backbone import AdaptationError, NothingNew, adapt_from_feedback
     from infantino.settings import get_settings
     from registry.store import CHAMPION
     from store import Stores
@@ -281,8 +282,11 @@ def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, in
                       **({"interpolation_grid": tuple(interpolation_grid)} if interpolation_grid else {}),
                       **({"distill": distill} if distill is not None else {}))
     try:
-        report = adapt_from_feedback(reg, stores.feedback, get_settings().online, data, cfg,
+        report = adapt_from_feedback(reg, stores.feedback, get_settings().online, data, cfg, force=force,
                                      say=lambda *a, **k: click.echo(" ".join(map(str, a)), err=True))
+    except NothingNew as exc:  # not a failure: a scheduled run found nothing to do
+        click.echo(json.dumps({"skipped": str(exc)}))
+        return
     except AdaptationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(report.to_dict(), indent=2))

@@ -133,3 +133,11 @@ def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(inf
     report = json.loads(result.stdout)  # the progress goes to stderr
     assert report["feedback_items"] == 21 and report["backbone_version"] == "2"
     assert registry.version_info("head", report["head_version"]).tags["origin"] == "feedback_adaptation"
+
+    # A scheduled run with nothing new returns at once, and says so; --force redoes it.
+    again = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16"])
+    assert again.exit_code == 0 and "already adapted from these 21 feedback items" in json.loads(again.stdout)["skipped"]
+    assert registry.champion_version("head", CHALLENGER if not report["promoted"] else CHAMPION) == report["head_version"]
+    forced = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["head_version"] != report["head_version"]
