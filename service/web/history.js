@@ -14,7 +14,7 @@ const VERDICTS = {
   champion: 'serving (champion)', promoted: 'promoted earlier', refused: 'refused by the gate',
   rolled_back: 'promoted, then rolled back', registered: 'registered, not promoted',
 };
-const ORIGINS = { train: 'trained', online_update: 'online update' };
+const ORIGINS = { train: 'trained', online_update: 'online update', feedback_adaptation: 'backbone adaptation' };
 let ctx = null; // { status(), announce(text) }
 let current = null;
 
