@@ -5,10 +5,11 @@ that barely moves accuracy, because the features do not separate the new domain'
 (bench/feature_adaptation.py: the head alone -0.9 to +0.9 points on the infant feedback half,
 layer4 and the projection fine-tuned +4.3). This job adapts the features:
 
-stored feedback images and labels + a replay sample of the model's training data ->
-cross-fitted fine-tunes (each fold's items scored by a model fine-tuned on the other folds) ->
-the online gate (online/gate.py: against the lineage's offline-trained head on the same items,
-and on the training data's validation split) -> a new backbone version and a head version (the
+stored feedback images and labels + a replay sample of the model's training data -> a fine-tune
+-> its weights interpolated toward the champion's as far as one half of the training data's
+validation split allows -> cross-fitted fine-tunes interpolated alike (each fold's items scored
+by a model fine-tuned on the other folds) -> the online gate (online/gate.py: against the
+lineage's offline-trained head on the same items, and on the other validation half) -> a new backbone version and a head version (the
 fine-tuned classifier, as the feedback head's base) registered with lineage tags and the
 verdict -> champion if the gate passed, else challenger.
 
