@@ -33,6 +33,7 @@ import numpy as np
 
 from backbones.inference import embed_images
 from heads import configure_online
+from heads.domain import DomainPriors
 from heads.feedback import FeedbackHead
 from infantino.embeddings import EmbeddingSet
 from infantino.images import open_image, to_model_array
@@ -112,6 +113,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
             if info is not None and info.tags.get("feedback_fingerprint") == fingerprint:
                 raise NothingNew(f"head v{version} ({alias}) was already adapted from these {len(items)} feedback items; "
                                  "nothing new to learn (force to redo)")
+    domains = [i.domain for i in items]  # as each item's client named it (heads/domain.py)
     x = np.stack([to_model_array(open_image(i.image, reduce_to=prep.input_size), prep.input_size, prep.grayscale) for i in items])
     y = np.array([classes.index(i.label) for i in items], np.int64)
     train, val = stratified_split(training_data, val_fraction, seed)
@@ -135,13 +137,19 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
                                   settings.gate_max_val_drop * cfg.val_budget, lambda m: val_accuracy(m, choose_val), say)
     tuned = interpolate(original, tuned_fully, weight)
 
+    # The served head learns each named domain's class mix from the feedback (heads/domain.py); so
+    # does each fold's model, from its folds only. Class shares of the training data: its split.
+    training_prior = np.bincount(train.y, minlength=len(classes)) / len(train.y)
     folds = np.array([fold_of(i.id, settings.gate_folds) for i in items])
+    named = np.array(domains, dtype=object)
     crossfit = np.zeros((len(items), len(classes)))
     for k in np.unique(folds):
         rest = folds != k
         say(f"cross-fit fold {k + 1}/{settings.gate_folds}: fine-tuning on {int(rest.sum())} feedback images", flush=True)
         fold_model = interpolate(original, fine_tune(original, x[rest], y[rest], replay.x, replay.y, prep, cfg), weight)
         crossfit[~rest] = proba(fold_model, x[~rest], prep)
+        if settings.update_domain_priors:
+            crossfit[~rest] = DomainPriors(training_prior).fit(y[rest], list(named[rest])).adjust(crossfit[~rest], list(named[~rest]))
     s = settings
     verdict = evaluate_gate(val_accuracy(original, gate_val, root), val_accuracy(tuned, gate_val), candidate_proba=crossfit,
                             root_proba=root_proba, labels=y, max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha,
@@ -160,7 +168,9 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
         tags["gate_reason"] = verdict.summary[:4000]
     kept = train.subset(np.random.default_rng(seed).permutation(len(train))[:REPLAY_SAMPLE])  # as training keeps
     replay_set = EmbeddingSet(embed_images(tuned, kept.x, prep), kept.y)
-    head = configure_online(FeedbackHead.around(candidate_head, replay_set), settings)
+    # The backbone learned the feedback itself; the head learns only each named domain's mix (if on).
+    head = configure_online(FeedbackHead.around(candidate_head, replay_set, training_prior=tuple(training_prior)),
+                            settings).learn_domains(y, domains)
     with registry.start_run(f"backbone-adaptation-from-v{champion.backbone_version}", tags={"kind": ORIGIN}):
         mlflow.log_params({**cfg.to_params(), "interpolation_weight": weight, "parent_version": champion.version, "feedback_items": len(items),
                            "parent_backbone_version": champion.backbone_version})

@@ -21,7 +21,10 @@ Variants:
   on the folds (augmented, weighted) with FER2013 replay, then head_adapter on the new embedding;
 - each also blended with as_is (mean of probabilities), as a guard against forgetting;
 - tune_<part> (training classifier, interpolated w): the fine-tuned weights moved only w of the way
-  from the shipped ones (WiSE-FT, training/adapt.py), the trade `infantino adapt` chooses along.
+  from the shipped ones (WiSE-FT, training/adapt.py), the trade `infantino adapt` chooses along;
+- +prior_shift: probabilities moved from FER2013's class mix to the fold's feedback's, for every
+  request; +domain_prior: only for requests naming the feedback's domain, as the service does
+  (heads/domain.py), or weighted by a learned guess of the domain (`--only domain_prior`).
 Results: bench/results/feature_adaptation.json and .png.
 """
 
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
@@ -51,6 +55,7 @@ from bench.common import (
     write_result,
 )
 from heads import configure_online
+from heads.domain import DomainPriors
 from infantino.faces import create_detector
 from infantino.images import normalise, open_image
 from infantino.regions import find_regions
@@ -227,6 +232,45 @@ def main() -> None:
         record(name + " (training classifier)+prior_shift", *prior_shift(logit_probs, logit_val_probs), note)
         record(name + " (training classifier)+half_prior_shift", *prior_shift(logit_probs, logit_val_probs, 0.5), note)
         record(name + "+prior_shift", *prior_shift(probs, head_val_probs), note)
+
+    if wanted("domain_prior"):
+        # The class-prior shift above, measured as the service applies it (heads/domain.py): to requests
+        # that name the feedback's domain ("known domain"; FER2013 requests name none, so are unchanged);
+        # and, the rejected alternative, weighted per request by a logistic regression's odds that its
+        # embedding is from the feedback's domain rather than FER2013 ("learned domain").
+        cfg = AdaptConfig(part="layer4+embed", epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight,
+                          replay_size=args.replay, distill=args.distill)
+
+        def learned_domain(p, e, e_tr, y_tr, e_rep):
+            ratio = DomainPriors(train_prior, min_items=1).fit(y_tr, "feedback").ratios_["feedback"]
+            side = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, random_state=0))
+            side.fit(np.vstack([e_tr, e_rep]), np.r_[np.ones(len(e_tr)), np.zeros(len(e_rep))])
+            q = p * ratio[None, :] ** side.predict_proba(e)[:, 1:]
+            return q / q.sum(1, keepdims=True)
+
+        # name -> per fold: embeddings of the fold's feedback, held-out items, FER2013 val and replay, and probabilities
+        rep_emb = embed_images(model, replay.x, prep)
+        variants = {"as_is": [(emb[tr], emb[held], val_emb, rep_emb, root.predict_proba(emb[held]), root.predict_proba(val_emb))
+                              for tr, held in folds]}
+        if wanted("domain_prior_tuned"):
+            tuned_parts: dict[float, list] = {0.7: [], 1.0: []}
+            for tr, held in folds:
+                tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
+                for w, parts in tuned_parts.items():
+                    m = interpolate(model, tuned, w)
+                    e_tr, e_held, e_val, e_rep = (embed_images(m, a, prep) for a in (x[tr], x[held], val.x, replay.x))
+                    parts.append((e_tr, e_held, e_val, e_rep, classifier_proba(m, e_held), classifier_proba(m, e_val)))
+            for w, parts in tuned_parts.items():
+                variants["tune_layer4+embed (training classifier" + (f", interpolated {w:g})" if w < 1 else ")")] = parts
+        for stem, parts in variants.items():
+            known, learned = ([], []), ([], [])
+            for (tr, _), (e_tr, e_held, e_val, e_rep, p_held, p_val) in zip(folds, parts):
+                known[0].append(DomainPriors(train_prior).fit(y[tr], "infant").adjust(p_held, "infant"))
+                known[1].append(float(np.mean(p_val.argmax(1) == val.y)))  # FER2013 requests name no domain
+                learned[0].append(learned_domain(p_held, e_held, e_tr, y[tr], e_rep))
+                learned[1].append(float(np.mean(learned_domain(p_val, e_val, e_tr, y[tr], e_rep).argmax(1) == val.y)))
+            record(f"{stem}+domain_prior (known domain)", known[0], float(np.mean(known[1])))
+            record(f"{stem}+domain_prior (learned domain)", learned[0], float(np.mean(learned[1])))
 
     # --only runs add to (or replace) the rows of earlier runs, each row with the arguments it ran with.
     for row in rows.values():

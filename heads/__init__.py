@@ -8,6 +8,7 @@ MLP's internals.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Protocol, runtime_checkable
 
@@ -47,15 +48,19 @@ DEFAULT_HEAD = "feedback"
 
 # Which online setting (infantino.settings.OnlineSettings) sets which parameter of each head type.
 ONLINE_PARAMS: dict[type, dict[str, str]] = {
-    FeedbackHead: {"feedback_weight": "update_feedback_weight"},
+    FeedbackHead: {"feedback_weight": "update_feedback_weight", "domain_priors": "update_domain_priors"},
     MLPHead: {"online_learning_rate": "update_learning_rate", "online_passes": "update_passes"},
 }
 
 
-def configure_online(head: Head, online_settings) -> Head:
-    """Set the head's online-learning parameters from the deployment's settings."""
-    mapping = ONLINE_PARAMS.get(type(head), {})
-    return head.set_params(**{param: getattr(online_settings, name) for param, name in mapping.items()}) if mapping else head
+def configure_online(head: Head, online_settings, training_prior: np.ndarray | None = None) -> Head:
+    """Set the head's online-learning parameters from the deployment's settings, and the class shares
+    of its training data (``training_prior``) for a head that learns the feedback's class mix but was
+    registered without them."""
+    params = {param: getattr(online_settings, name) for param, name in ONLINE_PARAMS.get(type(head), {}).items()}
+    if training_prior is not None and "training_prior" in head.get_params(deep=False) and head.get_params(deep=False)["training_prior"] is None:
+        params["training_prior"] = tuple(float(p) for p in training_prior)
+    return head.set_params(**params) if params else head
 
 
 def create_head(kind: str = DEFAULT_HEAD, **params) -> Head:
@@ -63,6 +68,22 @@ def create_head(kind: str = DEFAULT_HEAD, **params) -> Head:
     if kind not in HEADS:
         raise ValueError(f"unknown head type {kind!r}; accepted: {sorted(HEADS)}")
     return HEADS[kind](**params)
+
+
+def learns_domains(head: Head) -> bool:
+    """Whether ``head`` takes the domain of each item (``domains=``: heads/domain.py) in partial_fit and predict_proba."""
+    return "domains" in inspect.signature(head.predict_proba).parameters
+
+
+def predict_proba(head: Head, X: np.ndarray, domains=None) -> np.ndarray:
+    """``head``'s probabilities, for requests from ``domains`` (one, or one per row; None: the training
+    domain), which only a head that learns domains tells apart."""
+    return head.predict_proba(X, domains) if domains is not None and learns_domains(head) else head.predict_proba(X)
+
+
+def teach(head: Head, X: np.ndarray, y: np.ndarray, domains=None) -> Head:
+    """``head.partial_fit`` with the domain each item came from, where the head learns domains."""
+    return head.partial_fit(X, y, domains=domains) if learns_domains(head) else head.partial_fit(X, y)
 
 
 def trusted_types() -> list[str]:

@@ -5,6 +5,12 @@ replay sample of them. Each ``partial_fit`` adds its items to a memory of feedba
 logistic-regression adapter on the whole memory (each item weighted ``feedback_weight``) and
 the replay sample; once it has seen feedback, the adapter answers.
 
+Feedback may name the domain it came from (``domains``, e.g. "infant"): the head then also learns
+that domain's class mix against the training data's (heads/domain.py), and moves answers to
+requests naming that domain toward it; requests naming none are answered as before.
+A backbone adaptation's head (adaptation/backbone.py) learns only the domains' mixes
+(``learn_domains``): its backbone learned the feedback itself.
+
 Why not continue the MLP with small steps: measured on the infant feedback half
 (bench/online_tuning.py), gentle partial_fit steps that keep FER2013 within one point barely
 move infant accuracy, while a refit on the memory and the replay moves it several points at
@@ -21,21 +27,27 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from heads.domain import DomainPriors, Domains, per_row
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 
 
 class FeedbackHead(ClassifierMixin, BaseEstimator):
-    TRUSTED_TYPES = ("heads.feedback.FeedbackHead", "heads.mlp.MLPHead",
+    TRUSTED_TYPES = ("heads.feedback.FeedbackHead", "heads.mlp.MLPHead", "heads.domain.DomainPriors",
                      "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
+    # Heads registered before these existed load without them, and behave as they did then.
+    domain_priors, training_prior, training_prior_, domain_priors_ = False, None, None, None
 
     def __init__(self, base: MLPHead | None = None, feedback_weight: float = 5.0, replay_size: int = 2000, C: float = 1.0,
-                 random_state: int = 0):
+                 random_state: int = 0, domain_priors: bool = False,
+                 training_prior: tuple[float, ...] | None = None):
         self.base = base
         self.feedback_weight = feedback_weight
         self.replay_size = replay_size
         self.C = C
         self.random_state = random_state
+        self.domain_priors = domain_priors
+        self.training_prior = training_prior  # class shares of the training data (None: fit's labels, else the replay's)
 
     @classmethod
     def around(cls, base, replay: EmbeddingSet, **params) -> "FeedbackHead":
@@ -50,21 +62,29 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.replay_x_, self.replay_y_ = replay.x.astype(np.float32), replay.y.astype(np.int64)
         self.feedback_x_ = np.zeros((0, self.n_features_in_), np.float32)
         self.feedback_y_ = np.zeros(0, np.int64)
+        self.feedback_domain_ = np.zeros(0, object)  # the domain each item named ("" for none)
         self.adapter_ = None
+        self.domain_priors_ = None
 
     def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "FeedbackHead":
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
         base = (self.base or MLPHead(random_state=self.random_state)).fit(X, y, classes)
+        self.training_prior_ = np.bincount(np.searchsorted(base.classes_, y), minlength=len(base.classes_)) / len(y)
         self._set_base(base, EmbeddingSet(X, y).sample(self.replay_size, self.random_state))
         return self
 
-    def partial_fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "FeedbackHead":
-        """Remember the items, then refit the adapter on all feedback so far and the replay sample."""
+    def partial_fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None,
+                    domains: Domains = None) -> "FeedbackHead":
+        """Remember the items (and the domain each came from), then refit the adapter on all feedback
+        so far and the replay sample, and each named domain's class mix."""
         if not hasattr(self, "base_"):
             return self.fit(X, y, classes)
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
         self.feedback_x_ = np.concatenate([self.feedback_x_, X])
         self.feedback_y_ = np.concatenate([self.feedback_y_, y])
+        named = np.array([d or "" for d in per_row(domains, len(y))], dtype=object)
+        self.feedback_domain_ = np.concatenate([getattr(self, "feedback_domain_", np.full(len(self.feedback_y_) - len(y), "", object)), named])
+        self.learn_domains(self.feedback_y_, self.feedback_domain_)
         if len(self.feedback_y_):
             x = np.concatenate([self.feedback_x_, self.replay_x_])
             t = np.concatenate([self.feedback_y_, self.replay_y_])
@@ -75,18 +95,36 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
                 self.adapter_ = adapter.fit(x, t, sample_weight=weight)
         return self
 
+    def learn_domains(self, y: np.ndarray, domains: Domains) -> "FeedbackHead":
+        """Learn each named domain's class mix from labelled items (all there are), without keeping
+        them: partial_fit's last step, and all a backbone adaptation's head needs to learn."""
+        named = per_row(domains, len(y))
+        if self.domain_priors and any(named):
+            self.domain_priors_ = DomainPriors(self._training_prior()).fit(np.searchsorted(self.classes_, y), named)
+        return self
+
+    def _training_prior(self) -> np.ndarray:
+        for prior in (self.training_prior, self.training_prior_):
+            if prior is not None:
+                return np.asarray(prior, np.float64)
+        # Only the replay sample is known: class-stratified, so flatter than the training data.
+        return np.bincount(np.searchsorted(self.classes_, self.replay_y_), minlength=len(self.classes_)) / max(len(self.replay_y_), 1)
+
     @property
     def feedback_seen_(self) -> int:
         return len(self.feedback_y_)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, domains: Domains = None) -> np.ndarray:
+        """Probabilities per row; rows whose domain (one for all, or one per row) taught this head
+        its class mix are moved to it."""
         X = np.asarray(X, np.float32)
         if self.adapter_ is None:
-            return self.base_.predict_proba(X)
-        # The adapter knows only the classes it has seen; place its columns in the full label set.
-        out = np.zeros((len(X), len(self.classes_)), np.float64)
-        out[:, np.searchsorted(self.classes_, self.adapter_.classes_)] = self.adapter_.predict_proba(X)
-        return out
+            out = self.base_.predict_proba(X)
+        else:
+            # The adapter knows only the classes it has seen; place its columns in the full label set.
+            out = np.zeros((len(X), len(self.classes_)), np.float64)
+            out[:, np.searchsorted(self.classes_, self.adapter_.classes_)] = self.adapter_.predict_proba(X)
+        return out if self.domain_priors_ is None or domains is None else self.domain_priors_.adjust(out, domains)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+    def predict(self, X: np.ndarray, domains: Domains = None) -> np.ndarray:
+        return self.classes_[self.predict_proba(X, domains).argmax(1)]

@@ -116,6 +116,7 @@ class OnlineSettings(_Group):
     update_min_items: int = Field(32, ge=1, description="queued feedback items that trigger an update")
     update_interval_s: float = Field(60.0, gt=0, description="an update also runs when one item has waited this long")
     update_feedback_weight: float = Field(1.0, gt=0, description="feedback head: weight of a feedback item against a replayed training item (chosen by bench/online_tuning.py)")
+    update_domain_priors: bool = Field(False, description="feedback head: feedback that names its domain teaches that domain's class mix, and answers to requests naming it move to that mix (heads/domain.py; off: on the held-out infant half it did not help, see README)")
     update_learning_rate: float = Field(3e-4, gt=0, description="mlp head: step size of the online partial_fit")
     update_passes: int = Field(5, ge=1, description="mlp head: passes over the new items per update")
     gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")

@@ -39,7 +39,7 @@ from infantino.periodic import Periodic
 from infantino.settings import OnlineSettings
 from online.gate import evaluate_gate, paired_evidence
 from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
-from heads import configure_online
+from heads import configure_online, predict_proba, teach
 from store import FeedbackItem, FeedbackStore, Lease
 from store.schema import QUEUED, USED
 
@@ -101,6 +101,7 @@ class Updater:
         self.loop = Periodic(self.run_once, min(5.0, settings.update_interval_s), f"online-updater-{self.task}", max_backoff_s=60.0)
         self._embeddings: dict[str, tuple[EmbeddingSet, EmbeddingSet]] = {}
         self._roots: dict[str, LoadedHead] = {}
+        self._training_prior: np.ndarray | None = None  # the champion's training class shares, for the update under way
 
     # ---- lifecycle and triggering ---------------------------------------------------------------
     def start(self) -> "Updater":
@@ -200,16 +201,18 @@ class Updater:
         new = [i for i in usable if i.status == QUEUED]
         left_out = sum(i.status == QUEUED for i in items) - len(new)
         taught = self._as_set(usable, classes)
+        domains = [i.domain for i in usable]  # each item's domain, as its client named it (heads/domain.py)
 
         root_head = self._root(champion)
         root = root_head.model
-        candidate = self._taught(root, taught)
-        crossfit = self._crossfit(root, taught, [i.id for i in usable])
+        self._training_prior = np.bincount(validation.y, minlength=len(classes)) / max(len(validation), 1)  # a stratified split
+        candidate = self._taught(root, taught, domains)
+        crossfit = self._crossfit(root, taught, domains, [i.id for i in usable])
         over_champion = None
         if champion.version != root_head.version:  # the champion learned feedback: does the candidate know more?
             unseen = np.array([not taught_to(i, champion.version) for i in usable], bool)
-            over_champion = paired_evidence(crossfit[unseen], champion.model.predict_proba(taught.x[unseen]) if unseen.any()
-                                            else np.zeros((0, len(classes))), taught.y[unseen])
+            over_champion = paired_evidence(crossfit[unseen], predict_proba(champion.model, taught.x[unseen], [d for d, u in zip(domains, unseen) if u])
+                                            if unseen.any() else np.zeros((0, len(classes))), taught.y[unseen])
         verdict = evaluate_gate(
             accuracy(root, validation), accuracy(candidate, validation), candidate_proba=crossfit,
             root_proba=root.predict_proba(taught.x) if len(taught) else np.zeros((0, len(classes))), labels=taught.y,
@@ -226,18 +229,20 @@ class Updater:
         log.info("online update: %s", report)
         return report
 
-    def _taught(self, root, data: EmbeddingSet):
-        """The root head taught ``data`` (the root itself is never changed)."""
-        head = configure_online(copy.deepcopy(root), self.settings)
-        return head.partial_fit(data.x, data.y) if len(data) else head
+    def _taught(self, root, data: EmbeddingSet, domains: list[str | None]):
+        """The root head taught ``data``, from ``domains`` (the root itself is never changed)."""
+        head = configure_online(copy.deepcopy(root), self.settings, self._training_prior)
+        return teach(head, data.x, data.y, domains) if len(data) else head
 
-    def _crossfit(self, root, data: EmbeddingSet, ids: list[str]) -> np.ndarray:
-        """Each item's probabilities by the root taught every *other* fold: evidence no model saw."""
+    def _crossfit(self, root, data: EmbeddingSet, domains: list[str | None], ids: list[str]) -> np.ndarray:
+        """Each item's probabilities (for its domain) by the root taught every *other* fold: evidence no model saw."""
         folds = np.array([fold_of(i, self.settings.gate_folds) for i in ids], dtype=int)
+        named = np.array(domains, dtype=object)
         out = np.zeros((len(data), len(root.classes_)))
         for k in np.unique(folds):
             rest = folds != k
-            out[~rest] = self._taught(root, EmbeddingSet(data.x[rest], data.y[rest])).predict_proba(data.x[~rest])
+            head = self._taught(root, EmbeddingSet(data.x[rest], data.y[rest]), list(named[rest]))
+            out[~rest] = predict_proba(head, data.x[~rest], list(named[~rest]))
         return out
 
     def _register(self, candidate, champion: LoadedHead, verdict, taught: list[FeedbackItem], new: list[FeedbackItem]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from heads import predict_proba
 from infantino.images import Preprocessing
 from infantino.regions import Region
 from registry.store import LoadedHead
@@ -35,9 +36,10 @@ Snapshot = dict[str, Served]
 
 
 def task_predictions(task: str, served: Served, embeddings: np.ndarray, regions: list[Region],
-                     records: list[dict]) -> list[Prediction]:
-    """One task's prediction per region; each is added to ``records`` (see store.PredictionLog.record)."""
-    probs = served.head.model.predict_proba(embeddings)
+                     records: list[dict], domain: str | None = None) -> list[Prediction]:
+    """One task's prediction per region, for a request from ``domain`` (heads/domain.py); each is
+    added to ``records`` (see store.PredictionLog.record)."""
+    probs = predict_proba(served.head.model, embeddings, domain)
     top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.concatenate([np.zeros_like(probs), probs], 1)
     out = []
     for emb, p, (second, first), region in zip(embeddings, probs, top2, regions):
@@ -50,7 +52,7 @@ def task_predictions(task: str, served: Served, embeddings: np.ndarray, regions:
         )
         records.append(dict(prediction_id=prediction.prediction_id, task=task, label=label, embedding=emb,
                             confidence=float(first), margin=float(first - second), image=region.image,
-                            backbone_version=served.head.backbone_version, head_version=served.head.version))
+                            backbone_version=served.head.backbone_version, head_version=served.head.version, domain=domain))
         metrics.PREDICTIONS.labels(label=label, task=task).inc()
         metrics.CONFIDENCE.labels(task=task).observe(float(p[best]))
         out.append(prediction)
@@ -58,10 +60,10 @@ def task_predictions(task: str, served: Served, embeddings: np.ndarray, regions:
 
 
 def build_answers(snapshot: Snapshot, embeddings: dict[str, np.ndarray], regions: list[Region],
-                  default_task: str) -> tuple[list[Answer], list[dict]]:
+                  default_task: str, domain: str | None = None) -> tuple[list[Answer], list[dict]]:
     """Per region, the default task's prediction at the top level and every task's under ``tasks``."""
     records: list[dict] = []
-    per_task = {task: task_predictions(task, served, embeddings[task], regions, records) for task, served in snapshot.items()}
+    per_task = {task: task_predictions(task, served, embeddings[task], regions, records, domain) for task, served in snapshot.items()}
     answers = []
     for i, region in enumerate(regions):
         by_task = {task: per_task[task][i] for task in snapshot}

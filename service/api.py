@@ -51,7 +51,7 @@ from service.schemas import (Answer, BatchAnswer, Clip, FacesAnswer, FeedbackAck
                              UpdateAnswer)
 from service.sequence import SequenceError, aggregate, decode_video
 from store import IdempotencyConflict, Stores, UnknownPrediction
-from store.schema import MAX_ID, MAX_KEY
+from store.schema import DOMAIN_PATTERN, MAX_ID, MAX_KEY
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
@@ -61,6 +61,9 @@ PREDICTION_RETENTION_PRUNE_S = 300.0  # how often old predictions are deleted, a
 # Registry calls of requests (GET /model, rollback, update now) run on their own small pool, never on
 # the one /predict and /feedback use: a registry that hangs can hold these threads, not the others.
 REGISTRY_THREADS = 2
+# Where a request or a feedback item comes from, as the client names it (e.g. "infant"): feedback naming a
+# domain teaches the model that domain's class mix, used for requests naming it (heads/domain.py).
+DomainName = Annotated[str | None, Field(pattern=DOMAIN_PATTERN, description="the domain the image comes from, e.g. infant")]
 UPDATE_TIMEOUT_S = 600.0  # an update teaches, cross-fits and registers: longer than one registry call
 
 # GET routes beside BentoML's POST APIs; methods of the service class get `self` (BentoML's class views).
@@ -231,12 +234,12 @@ class InfantinO:
             raise RuntimeError(f"the backbone service serves {sorted(made_by)}, not v{backbone_version}, yet; retry later")
         return embeddings
 
-    async def _classify(self, snapshot: Snapshot, regions: list[Region]) -> list[Answer]:
+    async def _classify(self, snapshot: Snapshot, regions: list[Region], domain: str | None = None) -> list[Answer]:
         """Answers for ``regions``, returned once every prediction is committed (so /feedback can name it anywhere)."""
         if not regions:
             return []
         embeddings = await self._embed(snapshot, np.stack([r.array for r in regions]))
-        answers, records = await asyncio.to_thread(build_answers, snapshot, embeddings, regions, self.default_task)
+        answers, records = await asyncio.to_thread(build_answers, snapshot, embeddings, regions, self.default_task, domain)
         self.health.predicted(records)
         for task, served in snapshot.items():
             if self.heads[task].shadow.head is not None:
@@ -255,7 +258,8 @@ class InfantinO:
                     prediction.prediction_id = None
         return answers
 
-    async def _predict(self, raws: list[bytes | ApiError], faces: bool, whole_image_if_no_face: bool) -> list[Answer | FacesAnswer | ApiError]:
+    async def _predict(self, raws: list[bytes | ApiError], faces: bool, whole_image_if_no_face: bool,
+                       domain: str | None = None) -> list[Answer | FacesAnswer | ApiError]:
         """One answer per upload: a prediction, or (faces=True) every face found with its box; an
         upload that cannot be read answers its ApiError, and the others are answered all the same."""
         snapshot = self._snapshot()
@@ -273,7 +277,8 @@ class InfantinO:
                 return exc
 
         per_image = await asyncio.gather(*(regions_of(r) for r in raws))
-        answers = await self._classify(snapshot, [region for regions in per_image if not isinstance(regions, ApiError) for region in regions])
+        answers = await self._classify(snapshot, [region for regions in per_image if not isinstance(regions, ApiError) for region in regions],
+                                       domain)
         out: list[Answer | FacesAnswer | ApiError] = []
         i = 0
         for regions in per_image:
@@ -296,13 +301,15 @@ class InfantinO:
     @bentoml.api
     @answers_errors
     async def predict(self, image: list[Path] = [], image_base64: str | None = None, faces: bool = False,
-                      whole_image_if_no_face: bool = True) -> Answer | FacesAnswer:
+                      whole_image_if_no_face: bool = True, domain: DomainName = None) -> Answer | FacesAnswer:
         """Classify one image (multipart field `image`, or JSON `image_base64`) for every served task.
 
         With `faces=true`, every face found is classified, each with its box; when none is
         found the answer says so (and classifies the whole image unless told not to).
+        `domain` names where the image comes from (e.g. `infant`): answered with what feedback
+        naming that domain taught the model of its class mix.
         """
-        answer = (await self._predict([self.uploads.one(image, image_base64)], faces, whole_image_if_no_face))[0]
+        answer = (await self._predict([self.uploads.one(image, image_base64)], faces, whole_image_if_no_face, domain))[0]
         if isinstance(answer, ApiError):
             raise answer
         return answer
@@ -310,20 +317,21 @@ class InfantinO:
     @bentoml.api
     @answers_errors
     async def predict_batch(self, images: list[Path] = [], images_base64: list[str] | None = None, faces: bool = False,
-                            whole_image_if_no_face: bool = True) -> BatchAnswer:
+                            whole_image_if_no_face: bool = True, domain: DomainName = None) -> BatchAnswer:
         """Classify several images in one call (multipart `images`, or JSON `images_base64`).
 
         Answers per item: an image that cannot be read gets its error (with its `index`), the others their predictions.
         """
         raws = self.uploads.many(images, images_base64, "images", self.settings.limits.max_batch_images, per_item=True)
-        answers = await self._predict(raws, faces, whole_image_if_no_face)
+        answers = await self._predict(raws, faces, whole_image_if_no_face, domain)
         return BatchAnswer(predictions=[ItemError(**a.body.model_dump(), index=i) if isinstance(a, ApiError) else a
                                         for i, a in enumerate(answers)])
 
     @bentoml.api
     @answers_errors
     async def predict_sequence(self, frames: list[Path] = [], frames_base64: list[str] | None = None, video: list[Path] = [],
-                               video_base64: str | None = None, faces: bool = False, ema_alpha: float = 0.5) -> SequenceAnswer:
+                               video_base64: str | None = None, faces: bool = False, ema_alpha: float = 0.5,
+                               domain: DomainName = None) -> SequenceAnswer:
         """Several frames (images) or one short video: per-frame scores and the clip's aggregate.
 
         With `faces=true` each frame is read from its largest face (the whole frame if none).
@@ -350,7 +358,7 @@ class InfantinO:
                 raise ApiError({"video_too_long": 413, "not_a_video": 415}.get(exc.code, 400), exc.code, str(exc)) from None
             regions = await asyncio.gather(*(asyncio.to_thread(self._regions_of, img, prep, mode) for _, img in decoded))
             stamps = [{"time_s": t} for t, _ in decoded]
-        answers = await self._classify(snapshot, [r[0] for r in regions])
+        answers = await self._classify(snapshot, [r[0] for r in regions], domain)
         clips = {}
         for task, served in snapshot.items():
             probs = np.array([[a.tasks[task].probabilities[c] for c in served.classes] for a in answers])
@@ -364,11 +372,13 @@ class InfantinO:
     async def feedback(self, label: str, image: list[Path] = [], image_base64: str | None = None,
                        prediction_id: Annotated[str | None, Field(max_length=MAX_ID)] = None,
                        idempotency_key: Annotated[str | None, Field(max_length=MAX_KEY)] = None,
-                       face_crop: bool = False, task: str | None = None) -> FeedbackAck:
+                       face_crop: bool = False, task: str | None = None, domain: DomainName = None) -> FeedbackAck:
         """Tell the model the true label of an image, or of an earlier prediction (prediction_id).
 
         `task` names whose label it is (default: the first served task; with a prediction_id,
         that prediction's task). `face_crop=true` learns from the largest face in the image.
+        `domain` names where the image comes from (default: with a prediction_id, the domain that
+        prediction named): the model learns that domain's class mix for requests naming it.
         """
         snapshot = self._snapshot()
         asked = self._task(task) if task is not None else None
@@ -387,7 +397,7 @@ class InfantinO:
                 self._check_label(snapshot[which], which, label)
                 feedback_id, duplicate = await asyncio.to_thread(
                     feedback.add_from_prediction, prediction_id, label=label, task=which, keep_image=keep_images,
-                    idempotency_key=idempotency_key)
+                    idempotency_key=idempotency_key, domain=domain)
             else:
                 which = asked or self.default_task
                 self._check_label(snapshot[which], which, label)
@@ -396,7 +406,7 @@ class InfantinO:
                 embedding = (await self._embed(snapshot, region.array[None]))[which][0]
                 feedback_id, duplicate = await asyncio.to_thread(
                     feedback.add, task=which, label=label, embedding=embedding, backbone_version=snapshot[which].head.backbone_version,
-                    image=region.image if keep_images else None, idempotency_key=idempotency_key)
+                    image=region.image if keep_images else None, idempotency_key=idempotency_key, domain=domain)
         except UnknownPrediction:
             raise ApiError(404, "unknown_prediction_id", "no recent prediction with that id" + (f" of task {asked!r}" if asked else "")
                            + "; send the image instead") from None

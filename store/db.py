@@ -25,6 +25,7 @@ empty database do not trip over each other.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -37,6 +38,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+
+log = logging.getLogger(__name__)
 
 from infantino.settings import has_secret, protect_logs, redact
 from store.schema import define_tables
@@ -145,11 +148,24 @@ class Database:
                         if self.schema:
                             conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
                     self.metadata.create_all(conn, checkfirst=True)
+                    self._add_new_columns(conn)
                 return
             except DBAPIError:  # another backend, lost the race: its tables now exist, look again
                 if attempt == 4 or self.sqlite or self.postgres:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
+    def _add_new_columns(self, conn) -> None:
+        """Tables made before a nullable column was added to the schema get it (store/schema.py)."""
+        inspector = sa.inspect(conn)
+        for table in self.metadata.tables.values():
+            present = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    name = table.name if table.schema is None else f"{table.schema}.{table.name}"
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(sa.text(f'ALTER TABLE {name} ADD COLUMN "{column.name}" {kind}'))
+                    log.info("added column %s.%s (%s)", name, column.name, kind)
 
     def now(self) -> Any:
         """"Now" for lease arithmetic: the server clock on PostgreSQL, ours elsewhere (one host)."""

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from store.db import Database
-from store.schema import MAX_ID, MAX_KEY, MAX_NAME, QUEUED, STATUSES
+from store.schema import MAX_DOMAIN, MAX_ID, MAX_KEY, MAX_NAME, QUEUED, STATUSES
 from store.values import check_bytes, check_str, decode_embedding, encode_embedding
 
 _MARK_CHUNK = 500  # ids per UPDATE ... IN (...): below every backend's bound-parameter limit
@@ -55,6 +55,7 @@ class FeedbackItem:
     updated: float
     used_by_version: str | None  # the head version that consumed it, once 'used'
     client: str | None = None
+    domain: str | None = None  # where it came from, as the client named it (heads/domain.py)
 
 
 def fingerprint(task: str, label: str, subject: str) -> str:
@@ -77,6 +78,7 @@ class FeedbackStore:
         self, *, task: str, label: str, embedding: np.ndarray | None, backbone_version: str | None,
         image: bytes | None = None, subject: str | None = None, prediction_id: str | None = None,
         predicted_label: str | None = None, idempotency_key: str | None = None, client: str | None = None,
+        domain: str | None = None,
     ) -> tuple[str, bool]:
         """Commit the item, then return ``(feedback_id, duplicate)``.
 
@@ -89,7 +91,7 @@ class FeedbackStore:
             check_str(name, value, limit)
         for name, value, limit in (("backbone_version", backbone_version, MAX_NAME), ("prediction_id", prediction_id, MAX_ID),
                                    ("predicted_label", predicted_label, MAX_NAME), ("idempotency_key", idempotency_key, MAX_KEY),
-                                   ("client", client, MAX_NAME)):
+                                   ("client", client, MAX_NAME), ("domain", domain, MAX_DOMAIN)):
             check_str(name, value, limit, optional=True)
         if embedding is not None and backbone_version is None:
             raise ValueError("an embedding needs the backbone_version that produced it")
@@ -101,29 +103,32 @@ class FeedbackStore:
             id=uuid.uuid4().hex, task=task, label=label, status=QUEUED, embedding=blob, embedding_dim=dim,
             backbone_version=backbone_version, image=image, prediction_id=prediction_id, predicted_label=predicted_label,
             idempotency_key=idempotency_key, fingerprint=fingerprint(task, label, subject), client=client,
-            created=now, updated=now, used_by_version=None,
+            created=now, updated=now, used_by_version=None, domain=domain,
         )
         return self._insert(task, idempotency_key, row["fingerprint"], lambda conn: conn.execute(self.t.insert().values(**row)), row["id"])
 
     def add_from_prediction(
         self, prediction_id: str, *, label: str, task: str, keep_image: bool = True,
-        idempotency_key: str | None = None, client: str | None = None,
+        idempotency_key: str | None = None, client: str | None = None, domain: str | None = None,
     ) -> tuple[str, bool]:
-        """Feedback on a recorded prediction of ``task``: its embedding and image are copied
-        inside the database. Raises :class:`UnknownPrediction` if there is no such prediction."""
+        """Feedback on a recorded prediction of ``task``: its embedding, image and domain (unless
+        ``domain`` names one) are copied inside the database. Raises :class:`UnknownPrediction`
+        if there is no such prediction."""
         check_str("prediction_id", prediction_id, MAX_ID)
         check_str("label", label, MAX_NAME)
         check_str("idempotency_key", idempotency_key, MAX_KEY, optional=True)
         check_str("client", client, MAX_NAME, optional=True)
+        check_str("domain", domain, MAX_DOMAIN, optional=True)
         p, now, new_id = self.db.tables.predictions, time.time(), uuid.uuid4().hex
         fp = fingerprint(task, label, f"prediction:{prediction_id}")
         columns = ["id", "task", "label", "status", "embedding", "embedding_dim", "backbone_version", "image",
-                   "prediction_id", "predicted_label", "idempotency_key", "fingerprint", "client", "created", "updated"]
+                   "prediction_id", "predicted_label", "idempotency_key", "fingerprint", "client", "created", "updated", "domain"]
         select = sa.select(
             sa.literal(new_id, sa.String), p.c.task, sa.literal(label, sa.String), sa.literal(QUEUED, sa.String),
             p.c.embedding, p.c.embedding_dim, p.c.backbone_version, p.c.image if keep_image else sa.null(),
             p.c.prediction_id, p.c.label, sa.literal(idempotency_key, sa.String), sa.literal(fp, sa.String),
             sa.literal(client, sa.String), sa.literal(now, sa.Double), sa.literal(now, sa.Double),
+            p.c.domain if domain is None else sa.literal(domain, sa.String),
         ).where(p.c.prediction_id == prediction_id, p.c.task == task)
 
         def insert(conn) -> None:
@@ -256,7 +261,8 @@ class FeedbackStore:
         t = self.t
         image = t.c.image if include_images else sa.null().label("image")
         return sa.select(t.c.id, t.c.task, t.c.label, t.c.status, t.c.embedding, t.c.embedding_dim, t.c.backbone_version,
-                         image, t.c.prediction_id, t.c.predicted_label, t.c.created, t.c.updated, t.c.used_by_version, t.c.client)
+                         image, t.c.prediction_id, t.c.predicted_label, t.c.created, t.c.updated, t.c.used_by_version, t.c.client,
+                         t.c.domain)
 
 
 def _item(row: sa.Row) -> FeedbackItem:
@@ -266,6 +272,7 @@ def _item(row: sa.Row) -> FeedbackItem:
         embedding=decode_embedding(m["embedding"], m["embedding_dim"]), backbone_version=m["backbone_version"],
         image=m["image"], prediction_id=m["prediction_id"], predicted_label=m["predicted_label"],
         created=float(m["created"]), updated=float(m["updated"]), used_by_version=m["used_by_version"], client=m["client"],
+        domain=m["domain"],
     )
 
 

@@ -26,7 +26,7 @@ class PredictionLog:
         """Store (or replace) several predictions in one transaction.
 
         Each dict has ``prediction_id, task, label, embedding, backbone_version, head_version``
-        and optionally ``image``, ``confidence``, ``margin``. Ids are expected to be unique (uuid4).
+        and optionally ``image``, ``confidence``, ``margin``, ``domain``. Ids are expected to be unique (uuid4).
         """
         now = time.time()
         rows = []
@@ -40,6 +40,7 @@ class PredictionLog:
                 prediction_id=p["prediction_id"], task=p["task"], label=p["label"], embedding=blob, embedding_dim=dim,
                 confidence=p.get("confidence"), margin=p.get("margin"), backbone_version=p["backbone_version"],
                 head_version=p["head_version"], image=check_bytes("image", p.get("image")), created=now,
+                domain=p.get("domain"),
             ))
         if not rows:
             return

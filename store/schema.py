@@ -1,6 +1,7 @@
 """The tables, as one SQLAlchemy Core schema that runs on SQLite and PostgreSQL alike.
 
-There are no migrations: a later column change needs a new table prefix or a manual migration.
+There are no migrations beyond one rule: a nullable column added here is added to existing tables
+when the store opens (store/db.py). Any other change needs a new table prefix or a manual migration.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-MAX_ID, MAX_NAME, MAX_KEY = 64, 256, 256  # column lengths, checked before the database does
+MAX_ID, MAX_NAME, MAX_KEY, MAX_DOMAIN = 64, 256, 256, 64  # column lengths, checked before the database does
+DOMAIN_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # a domain's name: lower-case letters, digits, '_', '.', '-' 
 QUEUED, USED, HELD_OUT = "queued", "used", "held_out"
 STATUSES: tuple[str, ...] = (QUEUED, USED, HELD_OUT)
 
@@ -41,6 +43,7 @@ def define_tables(md: sa.MetaData, prefix: str) -> Tables:
         sa.Column("created", sa.Double, nullable=False),
         sa.Column("updated", sa.Double, nullable=False),
         sa.Column("used_by_version", sa.String(MAX_NAME), nullable=True),
+        sa.Column("domain", sa.String(MAX_DOMAIN), nullable=True),  # where the item came from, as the client named it
         # NULL keys are distinct on SQLite and PostgreSQL, so items without a key never collide.
         sa.UniqueConstraint("task", "idempotency_key", name=f"{prefix}feedback_task_idem_key"),
         sa.Index(f"{prefix}feedback_task_status_created", "task", "status", "created"),
@@ -59,6 +62,7 @@ def define_tables(md: sa.MetaData, prefix: str) -> Tables:
         sa.Column("head_version", sa.String(MAX_NAME), nullable=False),
         sa.Column("image", sa.LargeBinary, nullable=True),
         sa.Column("created", sa.Double, nullable=False),
+        sa.Column("domain", sa.String(MAX_DOMAIN), nullable=True),  # the domain the request named (feedback on it inherits it)
         sa.Index(f"{prefix}predictions_created", "created"),
     )
     leases = sa.Table(

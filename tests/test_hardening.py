@@ -55,7 +55,7 @@ def check_error(r: httpx.Response, status: int | None = None, code: str | None =
     return body
 
 
-PREDICT_FIELDS = ["image", "image_base64", "faces", "whole_image_if_no_face"]
+PREDICT_FIELDS = ["image", "image_base64", "faces", "whole_image_if_no_face", "domain"]
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_unknown_field_names_the_accepted_fields(client, face_png):
     body = check_error(client.post("/predict", files={"file": ("f.png", face_png, "image/png")}), 400, "unknown_field")
     assert body["accepted"] == PREDICT_FIELDS and "'file'" in body["message"]
     body = check_error(client.post("/predict_batch", files={"image": ("f.png", face_png, "image/png")}), 400, "unknown_field")
-    assert body["accepted"] == ["images", "images_base64", "faces", "whole_image_if_no_face"]
+    assert body["accepted"] == ["images", "images_base64", "faces", "whole_image_if_no_face", "domain"]
 
 
 def test_a_jpeg_sent_as_video_is_answered(client, face_png):

@@ -51,3 +51,35 @@ def test_the_feedback_head_learns_a_new_domain_and_is_order_free():
 def test_unknown_head_type():
     with pytest.raises(ValueError, match="accepted"):
         create_head("forest")
+
+
+def test_feedback_naming_a_domain_moves_only_that_domains_answers(tmp_path):
+    """A domain's feedback with its own class mix (class 0 rare in training, common there) teaches
+    the head that mix for requests naming the domain; requests naming none are answered as before."""
+    x, y = blobs(100, seed=1)
+    keep = (y != 0) | (np.arange(len(y)) % 10 == 0)  # class 0 is 10% as common in the training data
+    head = create_head("feedback", replay_size=150, domain_priors=True).fit(x[keep], y[keep])
+    new_x = np.random.default_rng(2).standard_normal((120, 64)).astype(np.float32)  # between the classes: unsure answers
+    new_y = np.zeros(len(new_x), int)  # the new domain: mostly class 0
+    new_y[::4] = 1
+    base = head.predict_proba(new_x)
+    head.learn_domains(new_y[:60], "infant")  # the domain's mix alone, as after a backbone adaptation
+    np.testing.assert_allclose(head.predict_proba(new_x), base)  # no domain named: unchanged
+    assert np.mean(head.predict_proba(new_x, "infant").argmax(1) == 0) > np.mean(base.argmax(1) == 0) + 0.2
+    head.partial_fit(new_x[:60], new_y[:60], domains="infant")  # the items too: the adapter learns them as well
+    before, shifted = head.predict_proba(new_x), head.predict_proba(new_x, "infant")
+    np.testing.assert_allclose(head.predict_proba(new_x, "nicu"), before)  # a domain it was not taught: unchanged
+    assert np.mean(shifted.argmax(1) == 0) > np.mean(before.argmax(1) == 0) + 0.05 and np.allclose(shifted.sum(1), 1)
+    per_row = head.predict_proba(new_x[:4], ["infant", None, "infant", None])
+    np.testing.assert_allclose(per_row[1::2], before[1:4:2])
+    np.testing.assert_allclose(per_row[::2], shifted[:4:2])
+    skops.io.dump(head, tmp_path / "head.skops")
+    loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
+    np.testing.assert_allclose(loaded.predict_proba(new_x, "infant"), shifted)
+    # The mix needs enough items to be learned: a domain named by few is left alone.
+    head.partial_fit(new_x[60:63], new_y[60:63], domains="few")
+    np.testing.assert_allclose(head.predict_proba(new_x, "few"), head.predict_proba(new_x))
+    # The deployment's switch (INFANTINO_UPDATE_DOMAIN_PRIORS, off by default): domains are remembered, not used.
+    off = configure_online(create_head("feedback", replay_size=150, domain_priors=True).fit(x, y), OnlineSettings())
+    off.partial_fit(new_x[:60], new_y[:60], domains="infant")
+    np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))

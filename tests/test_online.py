@@ -196,3 +196,34 @@ def test_killing_the_updater_loses_nothing(home, tmp_path):
     invariants()
     assert queue.depth("expression") == 0
     assert sum(queue.counts("expression").values()) == len(ids)
+
+
+def test_feedback_naming_a_domain_teaches_that_domains_class_mix(home, tmp_path):
+    """The updater hands each item's domain to the head: the new version answers requests naming the
+    domain with its class mix (heads/domain.py), and others as the same head taught without domains."""
+    import shutil
+
+    from heads import predict_proba
+    from online.updater import Updater
+
+    reg_home = tmp_path / "domain"
+    shutil.copytree(home, reg_home, ignore=shutil.ignore_patterns("feedback.db*"))
+    settings = Settings(home=reg_home, online={"gate_max_val_drop": 1.0, "update_domain_priors": True})  # off by default
+    registry = ModelRegistry(settings)
+    head = registry.load_head("champion")
+    _, validation = registry.load_embeddings(head)
+    stores = Stores.open(settings.storage.database_url)
+    # The ward's mix: mostly the first class.
+    pick = np.concatenate([np.flatnonzero(validation.y == 0)[:12], np.flatnonzero(validation.y != 0)[:4]])
+    for x, y in zip(validation.x[pick], validation.y[pick]):
+        stores.feedback.add(task="expression", label=head.classes[int(y)], embedding=x, backbone_version=head.backbone_version,
+                            domain="ward")
+    report = Updater(settings.online, registry, stores.feedback, stores.lease).run_once(force=True)
+    assert report is not None and report.feedback_items == len(pick)
+    taught = registry.load_head(report.head_version).model
+    assert list(taught.domain_priors_.ratios_) == ["ward"] and taught.domain_priors_.ratios_["ward"].argmax() == 0
+    probe = validation.x[:30]
+    plain, ward = predict_proba(taught, probe), predict_proba(taught, probe, "ward")
+    assert (ward[:, 1:].sum(1) < plain[:, 1:].sum(1)).all()  # every answer moved toward the first class
+    np.testing.assert_allclose(plain, predict_proba(taught, probe, "another-ward"))
+    stores.db.close()

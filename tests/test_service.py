@@ -99,6 +99,31 @@ def test_feedback_by_image_and_by_prediction_id(client, face_png):
     assert two["queue_depth"] == one["queue_depth"]
 
 
+def test_a_request_names_its_domain_and_feedback_keeps_it(client, server, face_png):
+    """`domain` on /predict and /feedback: checked (a 4xx naming the field and the accepted form),
+    kept with the feedback, and inherited by feedback that names a prediction made with one."""
+    from infantino.settings import Settings
+    from store import Stores
+
+    image = base64.b64encode(face_png).decode()
+    for bad in ("Infant", "in fant", "", "x" * 65, "../etc"):
+        r = client.post("/predict", json={"image_base64": image, "domain": bad})
+        assert r.status_code in (400, 422) and "domain" in r.text and r.json()["error"], (bad, r.text)
+    plain = client.post("/predict", json={"image_base64": image}).json()
+    named = client.post("/predict", json={"image_base64": image, "domain": "infant"}).json()
+    # Nothing was taught for this domain yet: the same answer.
+    assert named["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-6)
+    by_image = client.post("/feedback", json={"label": "sad", "image_base64": image, "domain": "nicu-2"})
+    by_id = client.post("/feedback", json={"label": "sad", "prediction_id": named["prediction_id"]})
+    overridden = client.post("/feedback", json={"label": "sad", "prediction_id": named["prediction_id"], "domain": "ward.b"})
+    assert all(r.status_code == 200 for r in (by_image, by_id, overridden)), [by_image.text, by_id.text, overridden.text]
+    stores = Stores.open(Settings(home=server.env["INFANTINO_HOME"]).storage.database_url)
+    try:
+        assert [stores.feedback.get(r.json()["feedback_id"]).domain for r in (by_image, by_id, overridden)] == ["nicu-2", "infant", "ward.b"]
+    finally:
+        stores.db.close()
+
+
 def big_noise_png(side: int) -> bytes:
     return png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)))
 

@@ -325,6 +325,38 @@ def test_feedback_by_prediction_copies_it_inside_the_database(backend):
     assert q.feedback.delete("nope") is False
 
 
+def test_the_domain_travels_from_prediction_to_feedback(backend):
+    q = backend.open()
+    q.predictions.record([dict(prediction_id="p1", task="expression", label="happy", embedding=vec(1), backbone_version="3",
+                               head_version="9", domain="infant")])
+    by_id, _ = q.feedback.add_from_prediction("p1", label="sad", task="expression")
+    named, _ = q.feedback.add_from_prediction("p1", label="sad", task="expression", domain="nicu-2")
+    by_image, _ = q.feedback.add(task="expression", label="fear", embedding=vec(2), backbone_version="3", domain="infant")
+    plain, _ = q.feedback.add(task="expression", label="fear", embedding=vec(3), backbone_version="3")
+    assert [q.feedback.get(i).domain for i in (by_id, named, by_image, plain)] == ["infant", "nicu-2", "infant", None]
+    assert [i.domain for i in q.feedback.items("expression", include_images=False)] == ["infant", "nicu-2", "infant", None]
+    with pytest.raises(ValueError, match="domain"):
+        q.feedback.add(task="expression", label="fear", embedding=vec(4), backbone_version="3", domain="x" * 65)
+
+
+def test_a_store_made_before_a_new_column_gains_it(backend):
+    """Tables made by an earlier version (no `domain` column) get the column when the store opens;
+    their rows are kept and read as having none."""
+    first = backend.open()
+    first.feedback.add(task="expression", label="sad", embedding=vec(1), backbone_version="3")
+    first.db.close()
+    engine = sa.create_engine(backend.url)
+    schema = backend.kwargs.get("schema")
+    with engine.begin() as conn:
+        for table in ("feedback", "predictions"):
+            conn.execute(sa.text(f'ALTER TABLE {f"{schema}." if schema else ""}{table} DROP COLUMN domain'))
+    engine.dispose()
+    again = backend.open()
+    assert [i.domain for i in again.feedback.items("expression")] == [None]
+    fid, _ = again.feedback.add(task="expression", label="sad", embedding=vec(2), backbone_version="3", domain="infant")
+    assert again.feedback.get(fid).domain == "infant"
+
+
 # ---- lease ----------------------------------------------------------------------------------------
 
 def test_lease_exclusive_renew_expire_release(backend):
