@@ -33,7 +33,7 @@ import numpy as np
 
 from backbones.inference import embed_images
 from heads import configure_online
-from heads.domain import DomainPriors
+from heads.domain import DomainPriors, class_shares
 from heads.feedback import FeedbackHead
 from infantino.embeddings import EmbeddingSet
 from infantino.images import open_image, to_model_array
@@ -139,7 +139,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
 
     # The served head learns each named domain's class mix from the feedback (heads/domain.py); so
     # does each fold's model, from its folds only. Class shares of the training data: its split.
-    training_prior = np.bincount(train.y, minlength=len(classes)) / len(train.y)
+    training_prior = class_shares(train.y, len(classes))
     folds = np.array([fold_of(i.id, settings.gate_folds) for i in items])
     named = np.array(domains, dtype=object)
     crossfit = np.zeros((len(items), len(classes)))

@@ -22,6 +22,11 @@ from sklearn.base import BaseEstimator
 Domains = str | Sequence[str | None] | None  # one domain for every row, or one per row; None: the training domain
 
 
+def class_shares(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each class's share of ``labels`` (class indices): a class mix, such as the training data's."""
+    return np.bincount(np.asarray(labels, np.int64), minlength=n_classes)[:n_classes] / max(len(labels), 1)
+
+
 def per_row(domains: Domains, n: int) -> list[str | None]:
     return [domains] * n if domains is None or isinstance(domains, str) else list(domains)
 

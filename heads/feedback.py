@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from heads.domain import DomainPriors, Domains, per_row
+from heads.domain import DomainPriors, Domains, class_shares, per_row
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 
@@ -69,7 +69,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "FeedbackHead":
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
         base = (self.base or MLPHead(random_state=self.random_state)).fit(X, y, classes)
-        self.training_prior_ = np.bincount(np.searchsorted(base.classes_, y), minlength=len(base.classes_)) / len(y)
+        self.training_prior_ = class_shares(np.searchsorted(base.classes_, y), len(base.classes_))
         self._set_base(base, EmbeddingSet(X, y).sample(self.replay_size, self.random_state))
         return self
 
@@ -108,7 +108,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
             if prior is not None:
                 return np.asarray(prior, np.float64)
         # Only the replay sample is known: class-stratified, so flatter than the training data.
-        return np.bincount(np.searchsorted(self.classes_, self.replay_y_), minlength=len(self.classes_)) / max(len(self.replay_y_), 1)
+        return class_shares(np.searchsorted(self.classes_, self.replay_y_), len(self.classes_))
 
     @property
     def feedback_seen_(self) -> int:

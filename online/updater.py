@@ -40,6 +40,7 @@ from infantino.settings import OnlineSettings
 from online.gate import evaluate_gate, paired_evidence
 from registry.store import CHALLENGER, CHAMPION, LoadedHead, ModelRegistry
 from heads import configure_online, predict_proba, teach
+from heads.domain import class_shares
 from store import FeedbackItem, FeedbackStore, Lease
 from store.schema import QUEUED, USED
 
@@ -205,7 +206,7 @@ class Updater:
 
         root_head = self._root(champion)
         root = root_head.model
-        self._training_prior = np.bincount(validation.y, minlength=len(classes)) / max(len(validation), 1)  # a stratified split
+        self._training_prior = class_shares(validation.y, len(classes))  # a stratified split: the training data's mix
         candidate = self._taught(root, taught, domains)
         crossfit = self._crossfit(root, taught, domains, [i.id for i in usable])
         over_champion = None
