@@ -8,7 +8,7 @@ Not run on its own; a benchmark imports it (``from bench.common import ...``), t
 benchmarks being run from the project root as ``python -m bench.<name>``. It imports
 nothing from the project (only the standard library, numpy and scikit-learn), so a
 benchmark run with another venv that lacks the project (bench/fer_baseline.py) can
-use it too.
+use it too (infantino.machine, standard library only, is found in the project root).
 
 Quick check of the split (any python with numpy and scikit-learn, from the project root)::
 
@@ -16,14 +16,14 @@ Quick check of the split (any python with numpy and scikit-learn, from the proje
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from infantino.machine import machine_info
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -82,16 +82,6 @@ def bootstrap_home(home: Path) -> "subprocess.CompletedProcess[str]":
 
     return subprocess.run([sys.executable, "-m", "cli.main", "bootstrap"], cwd=BENCH.parent,
                           env={**os.environ, "INFANTINO_HOME": str(home)}, capture_output=True, text=True)
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def write_result(name: str, payload: dict) -> Path:

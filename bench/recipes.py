@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.recipes                 # every recipe not yet in the results file
     .venv/bin/python -m bench.recipes --only r18-64-adamw --epochs 6
     .venv/bin/python -m bench.recipes --only cont-sgd-plateau-natural-long --resume   # go on after an interruption
+    .venv/bin/python -m bench.recipes --record-run RUN_ID cont-shipped-30   # add an `infantino train` run from MLflow
 
 Each recipe trains a backbone from scratch (or continues the shipped model) for the same short
 budget of epochs on the FER2013 training split, then fits the MLP head on its embeddings and
@@ -12,7 +13,9 @@ the final served accuracy (backbone + head), seconds per epoch and training imag
 Short budgets rank recipes; they do not predict the accuracy of a long run. Checkpoints (and the
 curve so far) are written every epoch under --out-dir, so a long recipe survives interruptions.
 Results accumulate in bench/results/recipes.json (a rerun skips recipes already measured);
-the curves are drawn in bench/results/recipes.png (`--plot-only` redraws them).
+the curves are drawn in bench/results/recipes.png (`--plot-only` redraws them). `--record-run`
+adds a run that `infantino train` logged to MLflow (MLFLOW_TRACKING_URI or $INFANTINO_HOME's
+registry), e.g. the one that trained the shipped model, from its per-epoch metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from training.data import load_dataset, stratified_split
 from training.trainer import TrainConfig, train_backbone
 
 BASE = dict(mixup_prob=0.3, threads=2)
-SHIPPED_EPOCHS, SHIPPED_ACCURACY = 30, 0.6056  # the shipped model (infantino/default_model/model.json)
+# The model the continuations start from: the model shipped until 2026-12-04 (30 epochs, 60.6 %)
+SHIPPED_EPOCHS, SHIPPED_ACCURACY = 30, 0.6056
 # Recipes that continue the shipped model (resnet18, 64 px, 60.6 % after 30 epochs) instead of starting
 # from scratch: what a further run from today's model would gain, per epoch, by optimiser and sampling.
 CONTINUE = dict(init="shipped", backbone="resnet18", image_size=64, warmup_epochs=0.3)
@@ -87,6 +91,26 @@ def run(name: str, recipe: dict, epochs: int, data_cache: dict, out: Path, resum
             "params_millions": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def recorded_run(run_id: str) -> dict:
+    """A row of the results for an `infantino train` run in MLflow: its params, per-epoch curve, served accuracy, cost."""
+    from mlflow.tracking import MlflowClient
+
+    from infantino.settings import get_settings
+    from registry.store import ModelRegistry
+
+    ModelRegistry(get_settings())  # points MLflow at the configured tracking URI
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, f"epoch_{key}")}
+               for key in ("train_loss", "val_accuracy")}
+    curve = [{"epoch": step + 1, "train_loss": history["train_loss"].get(step), "val_accuracy": acc}
+             for step, acc in sorted(history["val_accuracy"].items())]
+    seconds = run.data.metrics["train_seconds"] / max(len(curve), 1)
+    return {"recipe": {**run.data.params, "mlflow_run": run_id},
+            "epochs": len(curve), "curve": curve, "val_accuracy_backbone_head": run.data.metrics["val_accuracy"],
+            "seconds_per_epoch": seconds, "train_images_per_s": float(run.data.params.get("n_train", 0)) / seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
@@ -97,10 +121,14 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "infantino-recipes",
                     help="checkpoints, one folder per recipe (kept; never committed)")
     ap.add_argument("--resume", action="store_true", help="continue interrupted recipes from their checkpoints in --out-dir")
+    ap.add_argument("--record-run", nargs=2, metavar=("RUN_ID", "NAME"), help="add an `infantino train` run from MLflow as NAME")
     args = ap.parse_args()
     path = RESULTS / "recipes.json"
     results = json.loads(path.read_text())["recipes"] if path.exists() else {}
-    if args.plot_only:
+    if args.record_run:
+        results[args.record_run[1]] = recorded_run(args.record_run[0])
+        write_result("recipes", {"command": "python bench/recipes.py", "recipes": results})
+    if args.plot_only or args.record_run:
         return plot(results, RESULTS / "recipes.png")
     cache: dict = {}
     for name in args.only or list(RECIPES):

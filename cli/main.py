@@ -66,6 +66,7 @@ def main(verbose: bool) -> None:
 @click.option("--epochs", default=10)
 @click.option("--batch-size", default=128, help="Images per step (under torchrun: the global batch, split over the processes).")
 @click.option("--lr", default=1e-3, help="Peak learning rate (after warm-up).")
+@click.option("--warmup-epochs", default=1.0, help="Epochs of linear warm-up to --lr (short when continuing a trained model).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", help="AdamW, or SGD with Nesterov momentum 0.9.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau"]), default="cosine",
               help="cosine: decay over --epochs; plateau: halve the rate when validation accuracy stops rising, stop at the floor.")
@@ -94,7 +95,7 @@ def main(verbose: bool) -> None:
                    "(already cropped) faces are framed. Recorded with the model; the service crops faces alike.")
 @task_option
 @uri_option
-def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, optimizer, schedule,
+def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, warmup_epochs, optimizer, schedule,
           plateau_patience, weight_decay,
           label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, freeze_epochs, unfreeze_lr_scale, val_fraction,
           seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
@@ -113,7 +114,7 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
 
     cfg = TrainConfig(
         backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color, face_margin=face_margin,
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
         balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion,
         freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
@@ -326,15 +327,19 @@ def bootstrap(if_empty, task, tracking_uri):
 @main.command("export-default")
 @click.option("--out-dir", default=None, help="Default: infantino/default_model/ in the package.")
 @click.option("--command", "command", default="", help="The command that trained the champion (recorded in model.json).")
+@click.option("--history", default=None, help="How the champion came to be, in words (recorded in model.json).")
+@click.option("--not-trained-on", default=None, help="Data kept away from the champion, e.g. a benchmark's test set (recorded in model.json).")
 @task_option
 @uri_option
-def export_default(out_dir, command, task, tracking_uri):
+def export_default(out_dir, command, history, not_trained_on, task, tracking_uri):
     """Write the champion pair as the project's shipped model (safetensors + skops + model.json)."""
     from pathlib import Path
 
     from registry.shipped import DEFAULT_DIR, export_champion
 
-    out = export_champion(_registry(task, tracking_uri), Path(out_dir) if out_dir else DEFAULT_DIR, command)
+    about = {"history": history, "not_trained_on": not_trained_on}
+    out = export_champion(_registry(task, tracking_uri), Path(out_dir) if out_dir else DEFAULT_DIR, command,
+                          {k: v for k, v in about.items() if v})
     click.echo(f"wrote {out}")
 
 

@@ -2,8 +2,8 @@
 
 ``export_champion`` writes the registry's champion pair to ``registry/default_model/``:
 fp16 safetensors weights, the skops head, the replay/validation embeddings and a
-``model.json`` with label set, preprocessing, metrics, data fingerprint and the command that
-produced it. ``register_shipped`` puts them into an (empty) registry as champion;
+``model.json`` with label set, preprocessing, metrics, training time, data fingerprint, the command
+that produced it and the machine it trained on. ``register_shipped`` puts them into an (empty) registry as champion;
 ``shipped_serving_head`` and ``shipped_backbone`` load the same models straight from the files,
 which the service serves as version ``SHIPPED_VERSION`` when no registry can be reached.
 """
@@ -23,6 +23,7 @@ from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 from infantino.images import Preprocessing
+from infantino.machine import machine_info
 from registry.store import CHAMPION, ModelRegistry
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_model"
@@ -48,6 +49,8 @@ def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, comman
                         val_x=validation.x.astype(np.float16), val_y=validation.y)
     bv = registry.version_info("backbone", backbone.version)
     metrics = registry.run_metrics(bv.run_id) if bv.run_id else {}
+    # runs from before the training run noted its machine: the machine exporting it (the same one, usually)
+    machine = (registry.run_tags(bv.run_id) if bv.run_id else {}).get("machine")
     meta = {
         "task": registry.task,
         "backbone": backbone.tags.get("backbone_name"),
@@ -58,6 +61,7 @@ def export_champion(registry: ModelRegistry, out_dir: Path = DEFAULT_DIR, comman
         "data_fingerprint": backbone.tags.get("data_fingerprint"),
         "metrics": {k: v for k, v in metrics.items() if k.startswith("val_") or k == "train_seconds"},
         "command": command,
+        "machine": json.loads(machine) if machine else {**machine_info(), "noted": "at export"},
         "source": {"backbone_version": backbone.version, "head_version": head.version},
         **(extra or {}),
     }

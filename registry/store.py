@@ -352,6 +352,9 @@ class ModelRegistry:
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
     # ---- loading ----------------------------------------------------------------------------
     def load_head(self, version_or_alias: str | int = CHAMPION) -> LoadedHead:
         mv = self.version_info("head", version_or_alias)

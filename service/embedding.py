@@ -19,7 +19,13 @@ from typing import Callable
 
 import numpy as np
 
-from backbones.runtime import Runner, create_runner, torch_installed, with_tta
+from backbones.runtime import (
+    EXPORT_RUNTIMES,
+    Runner,
+    create_runner,
+    torch_installed,
+    with_tta,
+)
 from infantino.images import fit_input
 from infantino.settings import Settings
 from registry.store import LoadedBackbone
@@ -48,7 +54,7 @@ def gpu_may_be_present() -> bool:
 
 
 def placement(settings: Settings) -> str:
-    """``inline`` or ``service``: ``auto`` is inline on a CPU (ONNX Runtime, no hop), the service
+    """``inline`` or ``service``: ``auto`` is inline on a CPU (the ONNX export, no hop), the service
     when a GPU may be present or torch is asked for (one process owns the device and batches for all workers)."""
     chosen = settings.serving.backbone_placement
     if chosen != "auto":
@@ -59,10 +65,10 @@ def placement(settings: Settings) -> str:
 
 def load_backbone(source: ModelSource, version: str | None, device, settings: Settings) -> tuple[LoadedBackbone, Runner]:
     """A backbone version (None: the champion's) and its runner (INFANTINO_BACKBONE_RUNTIME, with
-    INFANTINO_TTA): from its ONNX export, without torch, when ONNX Runtime runs it (on a CPU, or
-    asked for); else, or when the version has no export, the torch model."""
+    INFANTINO_TTA): from its ONNX export, without torch, when OpenVINO or ONNX Runtime runs it (on a
+    CPU, or asked for); else, or when the version has no export, the torch model."""
     runtime, threads = settings.models.backbone_runtime, settings.serving.torch_threads
-    if runtime == "onnxruntime" or (runtime == "auto" and str(device) == "cpu"):
+    if runtime in EXPORT_RUNTIMES or (runtime == "auto" and str(device) == "cpu"):
         loaded = source.load_backbone_onnx(version)
         if loaded is not None:
             run = create_runner(loaded.preprocessing, runtime, onnx=loaded.onnx, threads=threads)

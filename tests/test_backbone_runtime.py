@@ -1,4 +1,4 @@
-"""The backbone runtimes: ONNX Runtime must give the embeddings torch gives."""
+"""The backbone runtimes: ONNX Runtime and OpenVINO must give the embeddings torch gives."""
 
 from __future__ import annotations
 
@@ -30,6 +30,26 @@ def test_onnxruntime_matches_torch(size, grayscale):
     np.testing.assert_allclose(session.run(None, {"x": normalise(images, prep)})[0], by_torch, atol=1e-4, rtol=1e-3)
 
 
+def test_openvino_matches_torch_and_serves_threads():
+    """OpenVINO (bfloat16 where the CPU has it: close, not equal) on any batch size, from several threads at once."""
+    pytest.importorskip("openvino")
+    from concurrent.futures import ThreadPoolExecutor
+
+    prep = Preprocessing(input_size=48, grayscale=True)
+    model = for_inference(create_backbone("test_efficientnet", 3))
+    images = np.random.default_rng(2).integers(0, 255, (6, 48, 48, 3), dtype=np.uint8)
+    by_torch = runtime.create_runner(prep, "torch", model=model)(images)
+    run = runtime.create_runner(prep, "openvino", onnx=runtime.export_onnx(model, 48))
+    by_openvino = run(images)
+    assert by_openvino.shape == (6, 64) and by_openvino.dtype == np.float32
+    cosine = (by_openvino * by_torch).sum(1) / np.linalg.norm(by_openvino, axis=1) / np.linalg.norm(by_torch, axis=1)
+    assert cosine.min() > 0.99, cosine
+    with ThreadPoolExecutor(4) as pool:  # one infer request shared: each caller must get its own images' answer
+        answers = list(pool.map(lambda i: run(images[i : i + 1]), [i % 6 for i in range(24)]))
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(answer[0], run(images[i % 6 : i % 6 + 1])[0], rtol=1e-5, atol=1e-6)
+
+
 def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):
     def broken(*_):
         raise RuntimeError("no exporter here")
@@ -39,7 +59,7 @@ def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):
     model = for_inference(create_backbone("test_efficientnet", 3))
     images = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
     np.testing.assert_array_equal(runtime.create_runner(prep, "auto", model=model)(images), embed_images(model, images, prep))
-    assert "running it with torch" in caplog.text
+    assert "running the backbone with torch" in caplog.text
     with pytest.raises(RuntimeError, match="no exporter"):  # asked for explicitly: no silent fallback
         runtime.create_runner(prep, "onnxruntime", model=model)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_export_then_register_gives_the_same_model(tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == ["happy", "sad", "surprise"] and meta["command"] == "pytest"
     assert meta["preprocessing"]["input_size"] == 48 and "val_accuracy" in meta["metrics"]
+    assert meta["machine"]["cpu_count"] == os.cpu_count() and "noted" not in meta["machine"]  # noted by the training run
     target = ModelRegistry(Settings(home=tmp_path / "target"))
     bv, hv = register_shipped(target, out)
     assert target.champion_version("head") == hv and target.champion_version("backbone") == bv

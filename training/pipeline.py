@@ -29,6 +29,7 @@ from backbones.inference import embed_images
 from backbones.model import BackboneError
 from heads import create_head
 from infantino.embeddings import EmbeddingSet
+from infantino.machine import machine_info
 from training.augment import occlude_lower_face
 from training.data import LabelledImages, load_dataset, stratified_split
 from training import distributed
@@ -117,10 +118,12 @@ def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, regist
         parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
 
     # Rank 0 runs the MLflow run and registers; the other processes train and embed with it.
-    with registry.start_run(f"train-{cfg.backbone}", tags={"kind": "train"}) if d.is_main else contextlib.nullcontext() as run:
+    # The machine goes with the run, so the shipped model's model.json can name where it trained.
+    tags = {"kind": "train", "machine": json.dumps(machine_info())}
+    with registry.start_run(f"train-{cfg.backbone}", tags=tags) if d.is_main else contextlib.nullcontext() as run:
         if d.is_main:
             mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val),
-                               "crop_faces": crop_faces or "none", **({"world_size": d.world_size} if d.enabled else {})})
+                               "crop_faces": crop_faces or "none", "init_from": init_from or "none", **({"world_size": d.world_size} if d.enabled else {})})
             mlflow.log_metric("skipped_images", data.skipped)
         backbone = train_backbone(
             cfg, train, val, out_dir, resume=resume, initial=initial,
