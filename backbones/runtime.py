@@ -2,10 +2,10 @@
 
 A runner maps uint8 model inputs (N, S, S, 3) to float32 embeddings (N, 64). On a CPU, ONNX
 Runtime runs one image 3x faster than torch and a batch of 32 1.04x faster than torch in
-channels_last (bench/results/cpu_runtime.json). OpenVINO (opt-in), on a CPU with bfloat16
-arithmetic (AVX512-BF16 or AMX), which it then uses by default, runs the model about 2x faster than
-ONNX Runtime for 0.04 points of FER2013 accuracy, and alike in float32
-(bench/results/cpu_runtime_openvino.json). On a GPU, torch. A Bento built for CPUs carries the backbone as ONNX only, so this module imports torch
+channels_last (bench/results/cpu_runtime.json). OpenVINO (the CPU default when installed, as it
+is in the Bento), on a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX), which it then uses by
+default, runs the model about 2x faster than ONNX Runtime for 0.04 points of FER2013 accuracy, and
+alike in float32 (bench/results/cpu_runtime_openvino.json). On a GPU, torch. A Bento built for CPUs carries the backbone as ONNX only, so this module imports torch
 only when asked to use it.
 """
 
@@ -23,7 +23,7 @@ from backbones.views import augmented_views
 from infantino.images import Preprocessing, normalise
 
 log = logging.getLogger(__name__)
-Runner = Callable[[np.ndarray], np.ndarray]
+Runner = Callable[[np.ndarray], np.ndarray]  # each made here names its runtime: runtime_of(run)
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 EXPORT_RUNTIMES = ("onnxruntime", "openvino")  # the runtimes that run the ONNX export, without torch
 
@@ -56,8 +56,12 @@ def onnx_runner(onnx: bytes, prep: Preprocessing, threads: int = 0) -> Runner:
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # Idle intra-op threads sleep instead of spinning: the model shares this process's cores with
+    # the request handling around it (the backbone inline in the API worker), and spinning took
+    # their CPU: 16 clients 144 -> 168 img/s with it off, 3 rounds each (README "Serving").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"x": normalise(images, prep)})[0]
+    return _named(lambda images: session.run(None, {"x": normalise(images, prep)})[0], "onnxruntime")
 
 
 def openvino_runner(onnx: bytes, prep: Preprocessing, threads: int = 0) -> Runner:
@@ -79,20 +83,27 @@ def openvino_runner(onnx: bytes, prep: Preprocessing, threads: int = 0) -> Runne
             request.infer({0: normalise(images, prep)})
             return request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
 
-    return run
+    return _named(run, "openvino")
 
 
 def export_runner(onnx: bytes, prep: Preprocessing, runtime: str = "auto", threads: int = 0) -> Runner:
-    """A runner for an ONNX export: OpenVINO when asked for, else ONNX Runtime (``auto`` too: in
-    bench/serve OpenVINO served 26% more at 16 clients but with twice the p99, one run each, so it
-    is not the default yet; README "Serving")."""
-    return (openvino_runner if runtime == "openvino" else onnx_runner)(onnx, prep, threads)
+    """A runner for an ONNX export: the runtime asked for; ``auto``: OpenVINO when it is installed
+    (served 22% more images at 16 clients than ONNX Runtime and answered one client 2 ms sooner,
+    3 interleaved rounds each, README "Serving"), else, or if it cannot compile the model, ONNX Runtime."""
+    if runtime == "openvino":
+        return openvino_runner(onnx, prep, threads)
+    if runtime == "auto" and importlib.util.find_spec("openvino") is not None:
+        try:
+            return openvino_runner(onnx, prep, threads)
+        except Exception:
+            log.warning("OpenVINO cannot run this backbone; running it on ONNX Runtime", exc_info=True)
+    return onnx_runner(onnx, prep, threads)
 
 
 def torch_runner(model, prep: Preprocessing) -> Runner:
     from backbones.inference import embed_images
 
-    return lambda images: embed_images(model, images, prep, batch_size=max(len(images), 1))
+    return _named(lambda images: embed_images(model, images, prep, batch_size=max(len(images), 1)), "torch")
 
 
 def create_runner(prep: Preprocessing, runtime: str = "auto", *, model=None, onnx: bytes | None = None, threads: int = 0) -> Runner:
@@ -127,4 +138,14 @@ def with_tta(run: Runner, mode: str) -> Runner:
         out = run(np.ascontiguousarray(np.concatenate(views)))
         return out.reshape(len(views), len(images), -1).mean(0)
 
-    return tta
+    return _named(tta, runtime_of(run))
+
+
+def runtime_of(run: Runner) -> str:
+    """The runtime a runner made here runs on: ``torch``, ``onnxruntime`` or ``openvino``."""
+    return getattr(run, "runtime", "unknown")
+
+
+def _named(run: Runner, runtime: str) -> Runner:
+    run.runtime = runtime
+    return run

@@ -855,7 +855,7 @@ def main() -> int:
     name = args.out or ("serve_quick" if q else "serve")
     path = write_result(name, result)
     print(markdown(result))
-    print(f"\nwrote {path.relative_to(ROOT)} in {result['wall_seconds']:.0f} s", file=sys.stderr)
+    print(f"\nwrote {path} in {result['wall_seconds']:.0f} s", file=sys.stderr)
     if args.keep_work:
         print(f"kept {work}", file=sys.stderr)
     else:

@@ -60,7 +60,7 @@ class ModelSettings(_Group):
     tasks: Annotated[list[str], NoDecode] = Field(["expression"], description="comma list of the tasks served, each with its own models and labels; the first is the default")
     model_poll_s: float = Field(1.0, description="how often every worker checks the champion alias")
     backbone_runtime: str = Field("auto", pattern="^(auto|torch|onnxruntime|openvino)$",
-                                  description="`auto` (ONNX Runtime on CPU, torch on a GPU), `torch`, `onnxruntime` or `openvino` (the ONNX export on OpenVINO: `pip install openvino`; bfloat16 where the CPU has it; see README \"Serving\")")
+                                  description="`auto` (on a CPU the ONNX export on OpenVINO when installed, else ONNX Runtime; torch on a GPU), `torch`, `onnxruntime` or `openvino` (bfloat16 where the CPU has it; see README \"Serving\")")
     tta: str = Field("none", pattern="^(none|flip|flip\\+shift)$",
                      description="test-time augmentation: each embedding the mean over `flip` (2 views) or `flip+shift` (10 views); see bench/tta.py for its gain and cost")
 

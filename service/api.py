@@ -41,6 +41,7 @@ from service.backbone import BackboneService, unpack_embeddings
 from service.embedding import InlineBackbones, MicroBatcher, placement
 from service.errors import ApiError, answers_errors, dependency_error, registry_unavailable
 from service.health import ModelHealth
+from service.heap import freeze_long_lived, heap_report, watch_pauses
 from service.inputs import Uploads
 from service.middleware import RequestGuard
 from service.models import ChampionFollower
@@ -132,6 +133,8 @@ class InfantinO:
         self.background = [self.health, *self.heads.values(), self.recorder, *self.updaters.values(), self.pruner]
         for part in self.background:
             part.start()
+        freeze_long_lived()  # the modules and models loaded so far: no full GC pass walks them again
+        watch_pauses(lambda generation, seconds: metrics.GC_PAUSE.labels(generation=str(generation)).observe(seconds))
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -457,6 +460,7 @@ class InfantinO:
         detail = self.health.detail(served)
         for task, h in self.heads.items():
             detail["tasks"][task]["shadow"] = h.shadow.report()
+        detail["heap"] = heap_report()  # this worker's (service/heap.py)
         return JSONResponse(detail, status_code=200 if detail["ready"] else 503)
 
     @app.get("/model")

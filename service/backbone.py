@@ -23,6 +23,7 @@ from infantino import EMBEDDING_DIM
 from infantino.settings import get_settings
 from registry.store import LoadedBackbone
 from service.embedding import describe, embed_batch, load_backbone, serving_device
+from service.heap import freeze_long_lived
 from service.models import ChampionFollower
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ServedBackbone(ChampionFollower):
         with self._lock:
             if self.current is None or wanted is None or wanted != self.current[0].version:
                 self.current = load_backbone(self.source, wanted, self.device, SETTINGS)  # one swap: in-flight batches keep the old
-                log.info(describe(self.task, self.current[0], self.device, SETTINGS))
+                log.info(describe(self.task, self.current, self.device))
             self.head_version = head_version
 
 
@@ -82,6 +83,7 @@ class BackboneService:
     def __init__(self) -> None:
         self.device = serving_device(SETTINGS.models.backbone_runtime)
         self.tasks = {task: ServedBackbone(task, self.device).start() for task in SETTINGS.models.tasks}
+        freeze_long_lived()  # as the API worker (service/heap.py)
 
     def __is_ready__(self) -> bool:
         return all(t.current is not None for t in self.tasks.values())

@@ -23,6 +23,7 @@ from backbones.runtime import (
     EXPORT_RUNTIMES,
     Runner,
     create_runner,
+    runtime_of,
     torch_installed,
     with_tta,
 )
@@ -85,9 +86,9 @@ def load_backbone(source: ModelSource, version: str | None, device, settings: Se
     return loaded, with_tta(run, settings.models.tta)
 
 
-def describe(task: str, loaded: LoadedBackbone, device, settings: Settings) -> str:
-    return (f"{task}: serving backbone v{loaded.version} on {settings.models.backbone_runtime} "
-            f"({'ONNX' if loaded.model is None else f'torch, {device}'})")
+def describe(task: str, backbone: tuple[LoadedBackbone, Runner], device) -> str:
+    loaded, run = backbone
+    return f"{task}: serving backbone v{loaded.version} on {runtime_of(run)} ({'its ONNX export' if loaded.model is None else device})"
 
 
 def embed_batch(backbone: tuple[LoadedBackbone, Runner], images: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ class InlineBackbones:
             if loaded[0].version != version:
                 raise RuntimeError(f"asked for {task} backbone v{version}, loaded v{loaded[0].version}")
             self._loaded = {**self._loaded, task: {**self._loaded.get(task, {}), version: loaded}}
-            log.info(describe(task, loaded[0], self.device, self.settings) + " (inline)")
+            log.info(describe(task, loaded, self.device) + " (inline)")
             return loaded
 
     def embed(self, wanted: dict[str, str], images: np.ndarray) -> dict[str, np.ndarray]:

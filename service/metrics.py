@@ -94,6 +94,12 @@ def label_requests_by_route(routes: Iterable[str]) -> None:
 # Access (service/access.py): requests refused before their body is read.
 REFUSED = bentoml.metrics.Counter("infantino_requests_refused_total", "Requests refused by access control, by route and reason (unauthorized, rate_limited).", ["route", "reason"])
 
+# The garbage collector's pauses of this worker (service/heap.py): each holds every request in flight.
+GC_PAUSE = bentoml.metrics.Histogram(
+    "infantino_gc_pause_seconds", "Pauses of Python's garbage collector in an API worker, by generation (1, 2: the full pass).", ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
 # Outages (service/errors.py): answers given while a dependency was down.
 UNRECORDED = bentoml.metrics.Counter(
     "infantino_predictions_unrecorded_total", "Predictions answered without a prediction_id because the database could not record them."

@@ -32,6 +32,7 @@ from registry.shipped import (SHIPPED_VERSION, has_shipped, register_shipped, sh
                               shipped_tags)
 from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags,
                             preprocessing_tags, use_short_registry_timeouts)
+from service.heap import freeze_long_lived
 from store import Database, Lease
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ class ChampionWatcher:
             try:
                 self.on_change(wanted)
                 switched = True
+                freeze_long_lived()  # the new model's objects join the frozen heap (service/heap.py)
             except Exception:
                 log.exception("could not switch to head v%s; still serving v%s", wanted, self.current())
         if aliases is not None and self.on_aliases is not None:

@@ -31,7 +31,7 @@ def test_onnxruntime_matches_torch(size, grayscale):
 
 
 def test_openvino_matches_torch_and_serves_threads():
-    """OpenVINO (bfloat16 where the CPU has it: close, not equal) on any batch size, from several threads at once."""
+    """OpenVINO, the CPU default (bfloat16 where the CPU has it: close, not equal), on any batch size, from several threads at once."""
     pytest.importorskip("openvino")
     from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +48,25 @@ def test_openvino_matches_torch_and_serves_threads():
         answers = list(pool.map(lambda i: run(images[i : i + 1]), [i % 6 for i in range(24)]))
     for i, answer in enumerate(answers):
         np.testing.assert_allclose(answer[0], run(images[i % 6 : i % 6 + 1])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_runs_the_export_on_openvino_when_installed_and_onnxruntime_if_it_cannot(monkeypatch, caplog):
+    pytest.importorskip("openvino")
+    prep = Preprocessing(input_size=48)
+    model = for_inference(create_backbone("test_efficientnet", 3))
+    onnx = runtime.export_onnx(model, 48)
+    assert runtime.runtime_of(runtime.create_runner(prep, "auto", onnx=onnx)) == "openvino"
+    assert runtime.runtime_of(runtime.create_runner(prep, "onnxruntime", onnx=onnx)) == "onnxruntime"
+    assert runtime.runtime_of(runtime.with_tta(runtime.create_runner(prep, "torch", model=model), "flip")) == "torch"
+
+    def cannot_compile(*_):
+        raise RuntimeError("an operation OpenVINO lacks")
+
+    monkeypatch.setattr(runtime, "openvino_runner", cannot_compile)
+    assert runtime.runtime_of(runtime.create_runner(prep, "auto", onnx=onnx)) == "onnxruntime"
+    assert "running it on ONNX Runtime" in caplog.text
+    with pytest.raises(RuntimeError, match="OpenVINO lacks"):  # asked for explicitly: no silent fallback
+        runtime.create_runner(prep, "openvino", onnx=onnx)
 
 
 def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):

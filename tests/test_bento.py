@@ -81,7 +81,7 @@ SERVE_ONE_BATCH = """
     loaded, run = served.current
     assert loaded.model is None and loaded.onnx, "not served from its ONNX export"
     np.save(OUT, run(np.load(IMAGES)))
-    print("served backbone v" + loaded.version)
+    print("served backbone v" + loaded.version + " on " + run.runtime)
 """
 
 
@@ -98,10 +98,13 @@ def test_the_backbone_serves_from_its_onnx_export_without_torch(tiny, tmp_path, 
     env = {**tiny["env"], "INFANTINO_HOME": str(home)}
     code = f"OUT, IMAGES = {str(tmp_path / 'out.npy')!r}, {str(tmp_path / 'images.npy')!r}\n" + textwrap.dedent(SERVE_ONE_BATCH)
     proc = run_without_torch(code, env)
-    assert "served backbone v1" in proc.stdout
-    by_onnx = np.load(tmp_path / "out.npy")
-    assert by_onnx.shape == (6, 64)
-    np.testing.assert_allclose(by_onnx, torch_embeddings(tiny["home"], images), atol=1e-4, rtol=1e-3)
+    assert "served backbone v1 on openvino" in proc.stdout  # the CPU default, installed with the Bento (bentofile.yaml)
+    by_export = np.load(tmp_path / "out.npy")
+    by_torch = torch_embeddings(tiny["home"], images)
+    assert by_export.shape == (6, 64)
+    # OpenVINO computes in bfloat16 where the CPU can: the same embeddings up to its rounding
+    cosine = (by_export * by_torch).sum(1) / np.linalg.norm(by_export, axis=1) / np.linalg.norm(by_torch, axis=1)
+    assert cosine.min() > 0.99, cosine
     if where == "bundle":  # nothing was registered in the empty registry: torch would be needed for the shipped model
         assert ModelRegistry(Settings(home=home)).champion_version("head") is None
 

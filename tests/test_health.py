@@ -154,7 +154,10 @@ def test_health_detail_reports_dependencies_and_drift_without_asking_the_network
     labels = client.get("/model").json()["labels"]
     assert set(drift["training"]) <= set(labels) and sum(drift["training"].values()) == pytest.approx(1)
     assert drift["window"] >= 1 and 0 <= drift["total_variation"] <= 1
+    # the worker froze its long-lived objects at start (service/heap.py), and its collector's pauses are measured
+    assert detail["heap"]["frozen_objects"] > 10_000 and len(detail["heap"]["collections"]) == 3, detail["heap"]
     gauges = scrape(client)
+    assert value(gauges, "infantino_gc_pause_seconds_count", generation="1") > 0
     assert value(gauges, "infantino_dependency_up", dependency="database") == 1
     assert value(gauges, "infantino_dependency_up", dependency="registry", task="expression") == 1
 
