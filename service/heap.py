@@ -1,7 +1,8 @@
 """Keep Python's full garbage-collection passes off the serving path, and show the pauses that remain.
 
-A worker holds about a million long-lived objects (BentoML, MLflow, scikit-learn, pydantic and
-the models). Each full (generation 2) collection walked all of them: 245-259 ms with the GIL
+A worker holds hundreds of thousands of long-lived objects (about 290,000 from importing the
+service alone: BentoML, MLflow, scikit-learn, pydantic; then the models and clients; the count a
+worker froze is in /health/detail). Each full (generation 2) collection walked all of them: 245-259 ms with the GIL
 held, every 7-8 s under bench/serve.py's 16 clients, which stalled every request in flight at
 once and made the p99 latency over 3x the median (README "Serving"). ``gc.freeze()`` moves the
 objects alive at that moment to a permanent generation the collector skips: the full passes that
