@@ -111,6 +111,30 @@ def recorded_run(run_id: str) -> dict:
             "seconds_per_epoch": seconds, "train_images_per_s": float(run.data.params.get("n_train", 0)) / seconds}
 
 
+def ensemble(versions: list[str]) -> dict:
+    """Would distilling an ensemble of registered models pay? Their served pairs (backbone + head) scored on
+    the validation split alone and with their probabilities averaged."""
+    from infantino.settings import get_settings
+    from registry.store import ModelRegistry
+    from training.evaluate import expected_calibration_error
+
+    registry = ModelRegistry(get_settings())
+    splits: dict = {}  # the validation split at each input size
+    probs = {}
+    for version in versions:
+        head = registry.load_head(version)
+        backbone = registry.load_backbone(head.backbone_version)
+        prep = backbone.preprocessing
+        if prep.input_size not in splits:
+            fer = load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES)
+            splits[prep.input_size] = stratified_split(fer, 0.1, 0)[1]
+        val = splits[prep.input_size]
+        probs[version] = head.model.predict_proba(embed_images(backbone.model.eval(), val.x, prep))
+    probs["+".join(versions)] = np.mean(list(probs.values()), axis=0)
+    return {name: {"accuracy": float(np.mean(p.argmax(1) == val.y)), "ece": expected_calibration_error(p, val.y)}
+            for name, p in probs.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
@@ -122,12 +146,19 @@ def main() -> None:
                     help="checkpoints, one folder per recipe (kept; never committed)")
     ap.add_argument("--resume", action="store_true", help="continue interrupted recipes from their checkpoints in --out-dir")
     ap.add_argument("--record-run", nargs=2, metavar=("RUN_ID", "NAME"), help="add an `infantino train` run from MLflow as NAME")
+    ap.add_argument("--ensemble", nargs="+", metavar="HEAD_VERSION",
+                    help="score these registered head versions (with their backbones) alone and averaged (does distillation pay?)")
     args = ap.parse_args()
     path = RESULTS / "recipes.json"
-    results = json.loads(path.read_text())["recipes"] if path.exists() else {}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    results, ensembles = saved.get("recipes", {}), saved.get("ensembles", {})
+    if args.ensemble:
+        ensembles["+".join(args.ensemble)] = scores = ensemble(args.ensemble)
+        print(json.dumps(scores, indent=1))
+        return write_result("recipes", {**saved, "ensembles": ensembles})
     if args.record_run:
         results[args.record_run[1]] = recorded_run(args.record_run[0])
-        write_result("recipes", {"command": "python bench/recipes.py", "recipes": results})
+        write_result("recipes", {**saved, "command": "python bench/recipes.py", "recipes": results})
     if args.plot_only or args.record_run:
         return plot(results, RESULTS / "recipes.png")
     cache: dict = {}
@@ -138,7 +169,7 @@ def main() -> None:
         epochs = args.continue_epochs if RECIPES[name].get("init") else args.epochs
         results[name] = run(name, RECIPES[name], epochs, cache, args.out_dir / name, args.resume)
         print(f"{name}: {results[name]['val_accuracy_backbone_head']:.4f} in {results[name]['seconds_per_epoch']:.0f} s/epoch", flush=True)
-        write_result("recipes", {"command": "python bench/recipes.py", "recipes": results})
+        write_result("recipes", {**saved, "command": "python bench/recipes.py", "recipes": results})
         plot(results, RESULTS / "recipes.png")
 
 

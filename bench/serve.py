@@ -397,7 +397,8 @@ def run_level(t: Target, clients: int, duration: float, warmup: float, scrape=No
         "p50_ms": pct(ok, 50), "p90_ms": pct(ok, 90), "p99_ms": pct(ok, 99), "mean_ms": float(np.mean(ok)) if ok else float("nan"),
     }
     if scrape and before is not None and after is not None:
-        out["embed_batch_size"] = histogram_diff(before, after)
+        out["embed_batch_size"] = histogram_diff(before["batch"], after["batch"])
+        out["worker_stages_ms"] = stage_means(before["stages"], after["stages"])
     return out
 
 
@@ -407,12 +408,35 @@ def run_level(t: Target, clients: int, duration: float, warmup: float, scrape=No
 _SAMPLE = re.compile(r'^(bentoml_service_adaptive_batch_size|infantino_inline_batch_size)_(bucket|sum|count)(?:\{([^}]*)\})?\s+(\S+)', re.M)
 
 
-def scrape_batch_histogram(url: str) -> dict:
-    """Sum over every series of the backbone's batch-size histogram (BentoML's with method_name="embed", or
-    the inline one): {'sum', 'count', 'buckets': {le: cum}}."""
+# where a prediction's time goes in the API worker (service/metrics.PREDICT_STAGE)
+_STAGE = re.compile(r'^infantino_predict_stage_seconds_(sum|count)\{[^}]*stage="([^"]+)"[^}]*\}\s+(\S+)', re.M)
+
+
+def scrape_metrics(url: str) -> dict:
+    """The backbone's batch sizes and the worker's per-stage times, as /metrics has them now."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
+    stages: dict[str, dict[str, float]] = {}
+    for kind, stage, value in _STAGE.findall(text):
+        stages.setdefault(stage, {"sum": 0.0, "count": 0.0})[kind] += float(value)
+    return {"batch": batch_histogram(text), "stages": stages}
+
+
+def stage_means(before: dict, after: dict) -> dict:
+    """Mean milliseconds per request in each worker stage over the measured window (the rest of a client's
+    latency is BentoML's request handling, the network and the client)."""
+    means = {}
+    for stage, now in after.items():
+        count = now["count"] - before.get(stage, {}).get("count", 0.0)
+        if count:
+            means[stage] = round((now["sum"] - before.get(stage, {}).get("sum", 0.0)) / count * 1e3, 2)
+    return means
+
+
+def batch_histogram(text: str) -> dict:
+    """Sum over every series of the backbone's batch-size histogram (BentoML's with method_name="embed", or
+    the inline one): {'sum', 'count', 'buckets': {le: cum}}."""
     h = {"sum": 0.0, "count": 0.0, "buckets": {}}
     for metric, kind, labels, value in _SAMPLE.findall(text):
         if metric.startswith("bentoml") and 'method_name="embed"' not in labels:
@@ -568,7 +592,7 @@ def bench_infantino(home: Path, work: Path, photos, expected, levels, args) -> d
         target = Target("InfantinO", srv.url, "/predict", bodies, headers, lambda j: j["label"])
         out["check"] = check_target(target, expected)
         for c in levels:
-            out[f"c{c}"] = run_level(target, c, args.duration, args.warmup, scrape=lambda: scrape_batch_histogram(srv.url))
+            out[f"c{c}"] = run_level(target, c, args.duration, args.warmup, scrape=lambda: scrape_metrics(srv.url))
         out["processes"] = resident_memory(srv.proc.pid)
     finally:
         srv.stop()
@@ -735,6 +759,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {title} | {c} | {lvl['throughput_rps']:.1f} | {lvl['vs_limit']['throughput_fraction_of_limit']:.0%} "
                          f"| {lvl['p50_ms']:.1f} | {lvl['p99_ms']:.1f} | {lvl['vs_limit']['p50_minus_raw_single_p50_ms']:+.1f} "
                          f"| {lvl['errors']} | {f'{b:.1f}' if b else '–'} |")
+    for c in result["settings"]["clients"]:
+        lvl = result["http"].get("infantino", {}).get(f"c{c}") or {}
+        if lvl.get("worker_stages_ms"):
+            stages = lvl["worker_stages_ms"]
+            lines.append(f"\nInfantinO at {c} client(s), mean ms per request in the API worker's stages: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                         + f"; the rest of the mean latency {lvl['mean_ms']:.1f} ms ({lvl['mean_ms'] - sum(stages.values()):.1f} ms) "
+                         "is BentoML's request handling, the network and the client.")
     lines.append("")
     lines.append(f"Limit = best raw batched throughput, decode + preprocess included: {limit:.1f} img/s at batch "
                  f"{raw['best_batch_size']} (model only: {raw['best_model_only_images_per_s']:.1f} img/s at batch "

@@ -241,15 +241,18 @@ class InfantinO:
         """Answers for ``regions``, returned once every prediction is committed (so /feedback can name it anywhere)."""
         if not regions:
             return []
-        embeddings = await self._embed(snapshot, np.stack([r.array for r in regions]))
-        answers, records = await asyncio.to_thread(build_answers, snapshot, embeddings, regions, self.default_task, domain)
+        with metrics.stage_timer("embed"):
+            embeddings = await self._embed(snapshot, np.stack([r.array for r in regions]))
+        with metrics.stage_timer("answer"):
+            answers, records = await asyncio.to_thread(build_answers, snapshot, embeddings, regions, self.default_task, domain)
         self.health.predicted(records)
         for task, served in snapshot.items():
             if self.heads[task].shadow.head is not None:
                 await asyncio.to_thread(self.heads[task].shadow.scored, embeddings[task], [r["label"] for r in records if r["task"] == task],
                                         served.head.backbone_version)
         try:
-            await self.recorder.record(records)
+            with metrics.stage_timer("record"):
+                await self.recorder.record(records)
         except Exception as exc:
             if dependency_error(exc) is None:
                 raise
@@ -279,7 +282,8 @@ class InfantinO:
             except ApiError as exc:
                 return exc
 
-        per_image = await asyncio.gather(*(regions_of(r) for r in raws))
+        with metrics.stage_timer("regions"):
+            per_image = await asyncio.gather(*(regions_of(r) for r in raws))
         answers = await self._classify(snapshot, [region for regions in per_image if not isinstance(regions, ApiError) for region in regions],
                                        domain)
         out: list[Answer | FacesAnswer | ApiError] = []

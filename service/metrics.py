@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import bentoml
 from bentoml._internal.context import server_context
@@ -99,6 +101,26 @@ GC_PAUSE = bentoml.metrics.Histogram(
     "infantino_gc_pause_seconds", "Pauses of Python's garbage collector in an API worker, by generation (1, 2: the full pass).", ["generation"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+
+# Where a prediction's time goes inside the API worker (service/api.py); the rest of what a client waits is
+# BentoML's (request parsing, uploads to files, the answer's serialisation) and the network.
+PREDICT_STAGE = bentoml.metrics.Histogram(
+    "infantino_predict_stage_seconds", "Time of a prediction request in each stage of the API worker: regions (decode, face "
+    "detection, crop), embed (backbone, including waiting for its batch), answer (heads and answers), record (the prediction "
+    "committed, so /feedback can name it).", ["stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0),
+)
+
+
+@contextmanager
+def stage_timer(stage: str) -> Iterator[None]:
+    """Observe the block's wall time as ``stage`` of PREDICT_STAGE."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        PREDICT_STAGE.labels(stage=stage).observe(time.perf_counter() - start)
+
 
 # Outages (service/errors.py): answers given while a dependency was down.
 UNRECORDED = bentoml.metrics.Counter(

@@ -158,6 +158,9 @@ def test_health_detail_reports_dependencies_and_drift_without_asking_the_network
     assert detail["heap"]["frozen_objects"] > 10_000 and len(detail["heap"]["collections"]) == 3, detail["heap"]
     gauges = scrape(client)
     assert value(gauges, "infantino_gc_pause_seconds_count", generation="1") > 0
+    # the prediction's time is accounted per stage of the worker
+    for stage in ("regions", "embed", "answer", "record"):
+        assert value(gauges, "infantino_predict_stage_seconds_count", stage=stage) >= 1, stage
     assert value(gauges, "infantino_dependency_up", dependency="database") == 1
     assert value(gauges, "infantino_dependency_up", dependency="registry", task="expression") == 1
 

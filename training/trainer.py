@@ -179,6 +179,8 @@ def train_backbone(
         cfg.backbone, n_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
         drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **(cfg.backbone_args or {}),
     )
+    if initial is not None:  # a continued model takes this run's dropout (its stochastic depth was fixed when it was built)
+        model.embed[0].p = cfg.drop_rate
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     distributed.broadcast_state(model)  # every process starts from rank 0's weights (alone: nothing to do)
