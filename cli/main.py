@@ -307,13 +307,13 @@ def bootstrap(if_empty, task, tracking_uri):
     from infantino.settings import get_settings
     from registry.shipped import DEFAULT_DIR, shipped_meta
     from registry.store import RegistryError
-    from service.models import register_shipped_once
+    from service.models import register_initial_once
 
     if not (DEFAULT_DIR / "model.json").exists():
         raise click.ClickException(f"no shipped model in {DEFAULT_DIR}; train one with `infantino train --data ...`")
     task = task or shipped_meta()["task"]
     try:
-        versions = register_shipped_once(get_settings(), task, tracking_uri=tracking_uri, always=not if_empty)
+        versions = register_initial_once(get_settings(), task, tracking_uri=tracking_uri, always=not if_empty)
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     reg = _registry(task, tracking_uri)

@@ -143,7 +143,7 @@ class ModelRegistry:
         else:
             self.client = MlflowClient(self.tracking_uri)
         prefix = self.settings.storage.model_prefix
-        self.names = {"backbone": f"{prefix}-{self.task}-backbone", "head": f"{prefix}-{self.task}-head"}
+        self.names = model_names(prefix, self.task)
         self.experiment_name = f"{prefix}-{self.task}"
 
     def _did_not_answer(self, exc: BaseException) -> RegistryUnavailable:
@@ -189,9 +189,21 @@ class ModelRegistry:
         onnx_path = self._log_backbone_onnx(model, preprocessing, version)
         if onnx_path:
             version_tags[ONNX_TAG] = onnx_path
-        for k, v in version_tags.items():
-            self.client.set_model_version_tag(self.names["backbone"], version, k, str(v))
+        self.tag_version("backbone", version, version_tags)
         return version
+
+    def register_saved(self, kind: str, model_dir: Path, tags: dict[str, str]) -> str:
+        """Log an MLflow model already saved in ``model_dir`` (e.g. one a Bento bundled) in the active
+        run and register it as a new ``kind`` version with ``tags``; nothing is loaded, so no torch is needed."""
+        mlflow.log_artifacts(str(model_dir), kind)
+        info = mlflow.register_model(f"runs:/{mlflow.active_run().info.run_id}/{kind}", self.names[kind])
+        version = str(info.version)
+        self.tag_version(kind, version, {**tags, "task": self.task})
+        return version
+
+    def tag_version(self, kind: str, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.names[kind], version, k, str(v))
 
     def _log_backbone_onnx(self, model, preprocessing: Preprocessing, version: str) -> str | None:
         """Log the backbone's ONNX export in the active run; returns its artifact path (None if
@@ -206,6 +218,10 @@ class ModelRegistry:
         except Exception:
             log.warning("could not export backbone v%s to ONNX; it will serve with torch only", version, exc_info=True)
             return None
+        return self.log_onnx(onnx, version)
+
+    def log_onnx(self, onnx: bytes, version: str) -> str:
+        """Log backbone ``version``'s ONNX export in the active run; returns its artifact path (the ONNX_TAG value)."""
         name = f"backbone-v{version}.onnx"
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / name).write_bytes(onnx)
@@ -223,12 +239,8 @@ class ModelRegistry:
         """
         from mlflow.models import infer_signature
 
-        run_id = mlflow.active_run().info.run_id
         if replay is not None and validation is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                mlflow.log_artifact(str(replay.save(Path(tmp) / REPLAY_FILE)), EMBEDDINGS_DIR)
-                mlflow.log_artifact(str(validation.save(Path(tmp) / VALIDATION_FILE)), EMBEDDINGS_DIR)
-            tags = {**tags, "embeddings_run_id": run_id}
+            tags = {**tags, "embeddings_run_id": self.log_embeddings(replay, validation)}
         example = np.zeros((1, head.n_features_in_), np.float32)
         info = mlflow.sklearn.log_model(
             head, name="head", registered_model_name=self.names["head"],
@@ -237,10 +249,16 @@ class ModelRegistry:
             pip_requirements=_pip("scikit-learn", "skops", "numpy"), pyfunc_predict_fn="predict_proba",
         )
         version = str(info.registered_model_version)
-        version_tags = {**tags, "label_set": ",".join(classes), "backbone_version": backbone_version, "task": self.task}
-        for k, v in version_tags.items():
-            self.client.set_model_version_tag(self.names["head"], version, k, str(v))
+        self.tag_version("head", version, {**tags, "label_set": ",".join(classes), "backbone_version": backbone_version, "task": self.task})
         return version
+
+    def log_embeddings(self, replay: EmbeddingSet, validation: EmbeddingSet) -> str:
+        """Log a head's replay and validation embeddings in the active run; returns the run id (its
+        ``embeddings_run_id`` tag: heads continued online point at them instead of copying)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(replay.save(Path(tmp) / REPLAY_FILE)), EMBEDDINGS_DIR)
+            mlflow.log_artifact(str(validation.save(Path(tmp) / VALIDATION_FILE)), EMBEDDINGS_DIR)
+        return mlflow.active_run().info.run_id
 
     # ---- aliases ----------------------------------------------------------------------------
     def _name(self, kind: str) -> str:
@@ -408,6 +426,11 @@ def _open_sqlite_registry(uri: str, path: Path) -> MlflowClient:
             return client
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def model_names(prefix: str, task: str) -> dict[str, str]:
+    """The registered model names of ``task``'s backbone and head."""
+    return {"backbone": f"{prefix}-{task}-backbone", "head": f"{prefix}-{task}-head"}
 
 
 def preprocessing_tags(p: Preprocessing) -> dict[str, str]:

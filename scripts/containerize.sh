@@ -5,7 +5,8 @@
 #     otherwise one built here from Debian packages (scripts/base-image.sh; skipped if it exists).
 #     BASE=registry|local forces one. A registry base gets a thin layer: UV_NO_CACHE=1 and this
 #     machine's extra CA certificates (/usr/local/share/ca-certificates: re-signing proxies).
-#  2. the Bento: `make build` when the bundled models are missing from BentoML's model store
+#  2. the Bento: `make build` when the bundled models are missing from BentoML's model store (else `infantino bundle`,
+#     which completes bundles an older version made)
 #     (BUILD=1 forces it), then the same bentofile.yaml with docker.base_image set to that base.
 #  3. `bentoml containerize --backend buildah` (BUILDAH_ISOLATION=chroot).
 #  4. `podman run` on a free loopback port, INFANTINO_HOME on a fresh named volume, an admin
@@ -92,6 +93,8 @@ if [ "${BUILD:-0}" = 1 ] || ! bentoml models get infantino-expression-backbone:l
    || ! bentoml models get infantino-expression-head:latest >/dev/null 2>&1; then
   log "make build (bootstrap, bundle, bentoml build)"
   make build >&2
+else  # bundles made by an older InfantinO (no ONNX export, no embeddings) are made again; complete ones are kept
+  "$BIN/infantino" bundle >&2
 fi
 log "bentoml build with docker.base_image=$base_image"
 "$BIN/python" - "$base_image" "$work/bentofile.yaml" <<'PY'
@@ -153,7 +156,8 @@ echo "user: $user" >&2
 "$BIN/python" scripts/container_check.py predict "$url" > "$work/predict.json" || { cat "$work/predict.json" >&2; podman logs --tail 50 "$container" >&2; exit 1; }
 echo "predict: $(cut -c1-400 "$work/predict.json")" >&2
 log "online update: $FEEDBACK_ITEMS x /feedback, then /admin/update"
-"$BIN/python" scripts/container_check.py online "$url" "$TOKEN" "$FEEDBACK_ITEMS" > "$work/online.json"
+"$BIN/python" scripts/container_check.py online "$url" "$TOKEN" "$FEEDBACK_ITEMS" > "$work/online.json" \
+  || { cat "$work/online.json" >&2; podman logs --tail 50 "$container" >&2; exit 1; }
 echo "online: $(cut -c1-600 "$work/online.json")" >&2
 "$BIN/python" scripts/container_check.py model "$url" > "$work/model_before.json"
 state_files=$(podman exec "$container" sh -c "ls -ln $home" | tail -n +2 | awk '{print $3":"$4" "$9}' | paste -sd, -)

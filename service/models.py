@@ -10,8 +10,10 @@ swaps models in place, so a promotion reaches every worker of every replica with
 restart, and nothing in one process decides what the others serve.
 
 A fresh state (plain ``bentoml serve``, a new volume) has an empty registry: the first worker
-registers the shipped model as champion itself (:func:`register_shipped_once`), the same thing
-``infantino bootstrap`` does, so ``bentoml serve`` needs no set-up step.
+registers a first champion itself (:func:`register_initial_once`), the same thing ``infantino
+bootstrap`` does, so ``bentoml serve`` needs no set-up step: the shipped model where torch is
+installed to register it, else (a torch-free Bento, e.g. its container) the Bento's bundled pair,
+so online updates have a registered champion to continue either way.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from backbones.runtime import torch_installed
 from infantino.images import Preprocessing
 from infantino.periodic import Periodic
 from infantino.settings import Settings, redact
+from registry.bundle import bundled_pair, register_bundled
 from registry.shipped import (SHIPPED_VERSION, has_shipped, register_shipped, shipped_backbone, shipped_meta, shipped_serving_head,
                               shipped_tags)
-from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, preprocessing_from_tags,
+from registry.store import (CHAMPION, LoadedBackbone, LoadedHead, ModelRegistry, RegistryError, model_names, preprocessing_from_tags,
                             preprocessing_tags, use_short_registry_timeouts)
 from service.heap import freeze_long_lived
 from store import Database, Lease
@@ -58,9 +61,9 @@ SHIPPED_WAIT_S = 300.0  # how long a starting worker waits for another process's
 SHIPPED_RETRY_S = 60.0  # how often a running worker retries when the registry is still empty
 
 
-def register_shipped_once(settings: Settings, task: str, wait_s: float = SHIPPED_WAIT_S, tracking_uri: str | None = None,
+def register_initial_once(settings: Settings, task: str, wait_s: float = SHIPPED_WAIT_S, tracking_uri: str | None = None,
                           lease: Lease | None = None, always: bool = False) -> tuple[str, str] | None:
-    """Register the shipped model as ``task``'s champion unless the registry has one (or ``always``),
+    """Register ``task``'s first champion (see :func:`initial_registration`) unless the registry has one (or ``always``),
     while holding the shared lease; returns the new (backbone, head) versions, or None when
     nothing was registered (a champion exists, or another process still holds the lease after
     ``wait_s``). Raises RegistryError when the registry does not answer."""
@@ -82,19 +85,27 @@ def register_shipped_once(settings: Settings, task: str, wait_s: float = SHIPPED
             registry = ModelRegistry(settings, task, tracking_uri)
             if not always and registry.champion_if_reachable("head") is not None:
                 return None
-            log.warning("%s: the registry at %s has no champion; registering the shipped model", task, registry.display_uri)
-            versions = register_shipped(registry)
-            log.warning("%s: registered the shipped model as champion: backbone v%s, head v%s", task, *versions)
+            register = initial_registration(settings, task)
+            if register is None:
+                return None
+            what = "the shipped model" if register is register_shipped else "the bundled models"
+            log.warning("%s: the registry at %s has no champion; registering %s", task, registry.display_uri, what)
+            versions = register(registry)
+            log.warning("%s: registered %s as champion: backbone v%s, head v%s", task, what, *versions)
             return versions
     finally:
         if db is not None:
             db.close()
 
 
-def can_register_shipped(task: str) -> bool:
-    """A shipped model exists for ``task`` and torch is installed to register it (a Bento built
-    without torch serves its bundled models instead)."""
-    return has_shipped(task) and torch_installed()
+def initial_registration(settings: Settings, task: str) -> Callable[[ModelRegistry], tuple[str, str]] | None:
+    """How an empty registry gets ``task``'s first champion: the shipped model where torch is installed to
+    register it, else the Bento's bundled pair (logged as saved, no torch needed), else nothing."""
+    if has_shipped(task) and torch_installed():
+        return register_shipped
+    if bundled_pair(model_names(settings.storage.model_prefix, task)) is not None:
+        return register_bundled
+    return None
 
 
 class ModelSource:
@@ -280,9 +291,9 @@ class ChampionFollower:
         self._lease_db: Database | None = None
         self._next_register_try = 0.0
         use_short_registry_timeouts(settings)
-        try:  # before this process's first registry client: see register_shipped_once
-            if can_register_shipped(task):
-                register_shipped_once(settings, task)
+        try:  # before this process's first registry client: see register_initial_once
+            if initial_registration(settings, task) is not None:
+                register_initial_once(settings, task)
         except RegistryError as exc:
             log.warning("%s: %s; the champion watcher retries", task, exc)
         except Exception:
@@ -298,7 +309,7 @@ class ChampionFollower:
     def _register_if_empty(self) -> bool:
         """The registry answers but has no champion (it was down at start, or a registering
         process died): register the shipped model, at most once a minute per worker."""
-        if not can_register_shipped(self.task) or time.monotonic() < self._next_register_try:
+        if initial_registration(self.settings, self.task) is None or time.monotonic() < self._next_register_try:
             return False
         self._next_register_try = time.monotonic() + SHIPPED_RETRY_S
         try:
@@ -308,7 +319,7 @@ class ChampionFollower:
             return False  # an outage: keep serving what we have
         if self._lease_db is None:
             self._lease_db = Database(self.settings.storage.database_url)
-        return register_shipped_once(self.settings, self.task, wait_s=0, lease=Lease(self._lease_db)) is not None
+        return register_initial_once(self.settings, self.task, wait_s=0, lease=Lease(self._lease_db)) is not None
 
     def start(self) -> "ChampionFollower":
         self.watcher.loop.start()

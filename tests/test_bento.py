@@ -88,8 +88,8 @@ SERVE_ONE_BATCH = """
 @pytest.mark.parametrize("where", ["registry", "bundle"])
 def test_the_backbone_serves_from_its_onnx_export_without_torch(tiny, tmp_path, where):
     """From the registry (a registered version's ONNX artifact) and from the Bento's bundled model
-    (the registry empty and torch absent, so the shipped model cannot be registered): the same
-    embeddings as the torch model."""
+    (the registry empty and torch absent, so the bundled pair is registered, untouched, as the first
+    champion): the same embeddings as the torch model."""
     registry = ModelRegistry(Settings(home=tiny["home"]))
     assert registry.version_info("backbone", "1").tags[ONNX_TAG]  # logged with the version
     images = np.random.default_rng(0).integers(0, 255, (6, 48, 48, 3), dtype=np.uint8)
@@ -105,8 +105,22 @@ def test_the_backbone_serves_from_its_onnx_export_without_torch(tiny, tmp_path, 
     # OpenVINO computes in bfloat16 where the CPU can: the same embeddings up to its rounding
     cosine = (by_export * by_torch).sum(1) / np.linalg.norm(by_export, axis=1) / np.linalg.norm(by_torch, axis=1)
     assert cosine.min() > 0.99, cosine
-    if where == "bundle":  # nothing was registered in the empty registry: torch would be needed for the shipped model
-        assert ModelRegistry(Settings(home=home)).champion_version("head") is None
+    if where == "bundle":  # the empty registry now holds the bundled pair as champion, registered without torch
+        # (one registry at a time: MLflow's tracking URI is global to the process)
+        original = ModelRegistry(Settings(home=tiny["home"]))
+        original_replay, _ = original.load_embeddings(original.load_head("1"))
+        original_proba = original.load_head("1").model.predict_proba(original_replay.x[:5])
+        registered = ModelRegistry(Settings(home=home))
+        head = registered.version_info("head", "champion")
+        backbone = registered.version_info("backbone", head.tags["backbone_version"])
+        assert head.tags["bundled_version"] == backbone.tags["bundled_version"] == "1"
+        assert registered.champion_version("backbone") == str(backbone.version)
+        # the same models as the bundling registry's: embeddings, the head's answers, the backbone's weights
+        replay, validation = registered.load_embeddings(registered.load_head(head.version))
+        assert np.array_equal(replay.x, original_replay.x) and len(validation) > 0
+        assert np.allclose(registered.load_head(head.version).model.predict_proba(replay.x[:5]), original_proba)
+        loaded = registered.load_backbone(backbone.version)
+        assert np.allclose(create_runner(loaded.preprocessing, "torch", model=loaded.model)(images), by_torch, atol=1e-5)
 
 
 def requirement_names(path: Path) -> set[str]:
