@@ -78,6 +78,7 @@ class AdaptationReport:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     gate_codes: list[str] = field(default_factory=list)
+    interpolation_weight: float | None = None  # the weight served: interpolate(original, fine-tune, w)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +188,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     registry.promote("head", head_version, CHAMPION if verdict.passed else CHALLENGER)
     report = AdaptationReport(registry.task, head_version, backbone_version, champion.version, champion.backbone_version,
                               verdict.passed, verdict.summary, len(items), time.time() - started, verdict.metrics,
-                              list(verdict.codes))
+                              list(verdict.codes), interpolation_weight=weight)
     log.info("backbone adaptation: %s", report)
     return report
 

@@ -209,7 +209,8 @@ def main() -> None:
         pair_head = registry.load_head(report["head_version"]).model
         pair_backbone = registry.load_backbone(report["backbone_version"])
         result["adapted"]["pair_itself"] = scores(infant_predictions(pair_head, embed_images(pair_backbone.model, test_x, prep)), t_y)
-        tqdm.write(f"after `infantino adapt`: infant accuracy {result['adapted']['accuracy']:.3f}; gate: {report['verdict']}")
+        tqdm.write(f"after `infantino adapt` (interpolation weight {report['interpolation_weight']}): "
+                   f"infant accuracy {result['adapted']['accuracy']:.3f}; gate: {report['verdict']}")
 
     # 4. full fine-tune on the same stream (a reference): backbone from the shipped weights, FER2013 replay, head refitted
     t0 = time.time()

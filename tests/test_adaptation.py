@@ -132,7 +132,11 @@ def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(inf
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # the progress goes to stderr
     assert report["feedback_items"] == 21 and report["backbone_version"] == "2"
-    assert registry.version_info("head", report["head_version"]).tags["origin"] == "feedback_adaptation"
+    info = registry.version_info("head", report["head_version"])
+    assert info.tags["origin"] == "feedback_adaptation"
+    # the weight served is reported, and is the one tagged on the version
+    assert report["interpolation_weight"] in AdaptConfig().interpolation_grid
+    assert float(info.tags["interpolation_weight"]) == report["interpolation_weight"]
 
     # A scheduled run with nothing new returns at once, and says so; --force redoes it.
     again = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16"])
