@@ -148,12 +148,14 @@ def main() -> None:
     ap.add_argument("--record-run", nargs=2, metavar=("RUN_ID", "NAME"), help="add an `infantino train` run from MLflow as NAME")
     ap.add_argument("--ensemble", nargs="+", metavar="HEAD_VERSION",
                     help="score these registered head versions (with their backbones) alone and averaged (does distillation pay?)")
+    ap.add_argument("--name", help="what the ensemble is recorded as (version numbers differ between registries; "
+                                   "default: the versions joined by +)")
     args = ap.parse_args()
     path = RESULTS / "recipes.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     results, ensembles = saved.get("recipes", {}), saved.get("ensembles", {})
     if args.ensemble:
-        ensembles["+".join(args.ensemble)] = scores = ensemble(args.ensemble)
+        ensembles[args.name or "+".join(args.ensemble)] = scores = ensemble(args.ensemble)
         print(json.dumps(scores, indent=1))
         return write_result("recipes", {**saved, "ensembles": ensembles})
     if args.record_run:
