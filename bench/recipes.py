@@ -30,13 +30,13 @@ import numpy as np
 
 from bench.common import DATA, FER_CLASSES, RESULTS, write_result
 from backbones.inference import embed_images
-from heads import create_head
 from registry.shipped import shipped_backbone
 from training.data import load_dataset, stratified_split
+from training.pipeline import fit_head
 from training.trainer import TrainConfig, train_backbone
 
 BASE = dict(mixup_prob=0.3, threads=2)
-# The model the continuations start from: the model shipped until 2026-12-04 (30 epochs, 60.6 %)
+# The model the continuations start from: the shipped model (30 epochs, 60.6 %)
 SHIPPED_EPOCHS, SHIPPED_ACCURACY = 30, 0.6056
 # Recipes that continue the shipped model (resnet18, 64 px, 60.6 % after 30 epochs) instead of starting
 # from scratch: what a further run from today's model would gain, per epoch, by optimiser and sampling.
@@ -84,7 +84,7 @@ def run(name: str, recipe: dict, epochs: int, data_cache: dict, out: Path, resum
     model = train_backbone(cfg, train, val, out, resume=resume, initial=initial, on_epoch=on_epoch)
     timed = [c["seconds"] for c in curve if "seconds" in c]
     prep = cfg.preprocessing
-    head = create_head("mlp").fit(embed_images(model, train.x, prep), train.y, classes=np.arange(len(FER_CLASSES)))
+    head = fit_head(embed_images(model, train.x, prep), train.y, len(FER_CLASSES))
     served = float(np.mean(head.predict(embed_images(model, val.x, prep)) == val.y))
     return {"recipe": recipe, "epochs": epochs, "curve": curve, "val_accuracy_backbone_head": served,
             "seconds_per_epoch": float(np.mean(timed)), "train_images_per_s": len(train) / float(np.mean(timed)),
@@ -146,6 +146,8 @@ def main() -> None:
                     help="checkpoints, one folder per recipe (kept; never committed)")
     ap.add_argument("--resume", action="store_true", help="continue interrupted recipes from their checkpoints in --out-dir")
     ap.add_argument("--record-run", nargs=2, metavar=("RUN_ID", "NAME"), help="add an `infantino train` run from MLflow as NAME")
+    ap.add_argument("--continues", metavar="NAME", help="with --record-run: the recorded recipe the run continued (--init-from), "
+                                                          "so its curve is drawn after that one's epochs")
     ap.add_argument("--ensemble", nargs="+", metavar="HEAD_VERSION",
                     help="score these registered head versions (with their backbones) alone and averaged (does distillation pay?)")
     ap.add_argument("--name", help="what the ensemble is recorded as (version numbers differ between registries; "
@@ -160,6 +162,8 @@ def main() -> None:
         return write_result("recipes", {**saved, "ensembles": ensembles})
     if args.record_run:
         results[args.record_run[1]] = recorded_run(args.record_run[0])
+        if args.continues:
+            results[args.record_run[1]]["continues"] = args.continues
         write_result("recipes", {**saved, "command": "python bench/recipes.py", "recipes": results})
     if args.plot_only or args.record_run:
         return plot(results, RESULTS / "recipes.png")
@@ -177,7 +181,8 @@ def main() -> None:
 
 def plot(results: dict, path) -> None:
     """Validation accuracy (the training classifier) after every epoch, one line per recipe; the
-    recipes that continue the shipped model start from its 30 epochs."""
+    recipes that continue the shipped model start from its 30 epochs, a recorded run that continued
+    another recorded recipe ("continues") from that one's last epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,12 +191,14 @@ def plot(results: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name, r in results.items():
         start = SHIPPED_EPOCHS if r["recipe"].get("init") == "shipped" or name.startswith("cont-") else 0
+        if r.get("continues") in results:
+            start = results[r["continues"]]["epochs"]
         epochs = [start + c["epoch"] for c in r["curve"]]
         ax.plot(epochs, [100 * c["val_accuracy"] for c in r["curve"]], "o-", ms=3,
                 label=f"{name}: {100 * r['val_accuracy_backbone_head']:.1f}% served, {r['seconds_per_epoch'] / 60:.1f} min/epoch")
     ax.axhline(100 * SHIPPED_ACCURACY, color="grey", ls=":", label=f"shipped model ({100 * SHIPPED_ACCURACY:.1f}%, {SHIPPED_EPOCHS} epochs)")
     ax.axhline(65, color="tab:red", ls=":", label="issue 12's goal (65%)")
-    ax.set_xlabel("epoch (continuations counted after the shipped model's)")
+    ax.set_xlabel("epoch (continuations counted after the model they continued)")
     ax.set_ylabel("FER2013 validation accuracy (%)")
     ax.set_title("Training recipes on 2 CPU cores (bench/recipes.py)")
     ax.grid(alpha=0.3)

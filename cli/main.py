@@ -326,7 +326,7 @@ def bootstrap(if_empty, task, tracking_uri):
 
 
 @main.command("export-default")
-@click.option("--out-dir", default=None, help="Default: infantino/default_model/ in the package.")
+@click.option("--out-dir", default=None, help="Default: registry/default_model/ (the model make serve registers on first run).")
 @click.option("--command", "command", default="", help="The command that trained the champion (recorded in model.json).")
 @click.option("--history", default=None, help="How the champion came to be, in words (recorded in model.json).")
 @click.option("--not-trained-on", default=None, help="Data kept away from the champion, e.g. a benchmark's test set (recorded in model.json).")

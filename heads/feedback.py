@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
@@ -68,7 +68,8 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "FeedbackHead":
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
-        base = (self.base or MLPHead(random_state=self.random_state)).fit(X, y, classes)
+        # A clone: the ``base`` parameter stays the unfitted template (sklearn's convention; skops would store it twice).
+        base = (clone(self.base) if self.base is not None else MLPHead(random_state=self.random_state)).fit(X, y, classes)
         self.training_prior_ = class_shares(np.searchsorted(base.classes_, y), len(base.classes_))
         self._set_base(base, EmbeddingSet(X, y).sample(self.replay_size, self.random_state))
         return self

@@ -30,6 +30,18 @@ def test_every_head_type_keeps_the_protocol_and_round_trips_through_skops(kind, 
     np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x))
 
 
+def test_the_mlp_head_can_stop_on_a_share_of_its_own_training_data_and_still_learns_online():
+    x, _ = blobs(100)
+    noise = np.random.default_rng(0).integers(0, 3, len(x))  # nothing to learn: only memorising would fit it
+    converged = create_head("mlp").fit(x, noise)
+    stopped = create_head("mlp", validation_fraction=0.1).fit(x, noise)
+    assert converged.mlp_.n_iter_ == 200 and stopped.mlp_.n_iter_ < 50 and len(stopped.mlp_.validation_scores_) == stopped.mlp_.n_iter_
+    assert stopped.predict_proba(x).max(1).mean() < converged.predict_proba(x).max(1).mean()  # less overconfident
+    stopped.partial_fit(x[:10], noise[:10])  # online updates continue the early-stopped MLP
+    few = create_head("mlp", validation_fraction=0.1).fit(*blobs(5))  # too few to hold any out: fitted as before
+    assert few.mlp_.validation_scores_ is None
+
+
 def test_the_feedback_head_learns_a_new_domain_and_is_order_free():
     x, y = blobs(100, seed=1)
     head = create_head("feedback", replay_size=150).fit(x, y)

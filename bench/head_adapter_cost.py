@@ -1,0 +1,80 @@
+"""What the feedback head's adapter costs on FER2013 and gains on infants, per model (feedback half only).
+
+    .venv/bin/python -m bench.head_adapter_cost                                   # the shipped model
+    .venv/bin/python -m bench.head_adapter_cost registry/candidates/scratch-light-45-cont-14
+
+Why: the service's head updates refit a logistic-regression adapter on the feedback and a replay
+sample of the training embeddings (heads/feedback.py), and the gate refuses a candidate that
+loses more than a point of FER2013 validation. A backbone whose MLP head a logistic regression on
+the replay cannot match starts with that point already spent. For each model folder (the shipped
+model's format), on its own embeddings: the MLP head, a logistic regression on the replay alone,
+and the adapter after feedback at two weights, scored on FER2013 validation and by 4-fold
+cross-validation on the infant feedback half (face crops at the model's framing). The test half
+is not read. Results: bench/results/head_adapter_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from backbones.inference import embed_images
+from bench.common import DATA, FER_CLASSES, write_result
+from bench.online_tuning import feedback_half_embeddings
+from infantino.settings import Settings
+from registry.shipped import DEFAULT_DIR, register_shipped
+from registry.store import CHAMPION, ModelRegistry
+from training.data import load_dataset, stratified_split
+
+FEEDBACK_WEIGHTS = (1.0, 5.0)
+
+
+def measure(model_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory() as home:
+        registry = ModelRegistry(Settings(home=Path(home)))
+        register_shipped(registry, model_dir)
+        head = registry.load_head(CHAMPION).model
+        backbone = registry.load_backbone(registry.load_head(CHAMPION).backbone_version)
+        fx, fy = feedback_half_embeddings(registry)
+        prep = backbone.preprocessing
+        val = stratified_split(load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES), 0.1, 0)[1]
+        vx, vy = embed_images(backbone.model.eval(), val.x, prep), val.y
+
+    def fer(h) -> float:
+        return float(np.mean(h.predict(vx) == vy))
+
+    folds = list(StratifiedKFold(4, shuffle=True, random_state=0).split(fx, fy))
+    replay_only = LogisticRegression(C=head.C, max_iter=2000).fit(head.replay_x_, head.replay_y_)
+    result = {"mlp_head": {"fer2013_val": fer(head.base_),
+                           "infant_feedback_half_cv": float(np.mean([np.mean(head.predict(fx[te]) == fy[te]) for _, te in folds]))},
+              "logistic_on_replay_alone": {"fer2013_val": fer(replay_only), "replay_items": len(head.replay_y_)}}
+    for weight in FEEDBACK_WEIGHTS:
+        infant, fer_scores = [], []
+        for train, test in folds:
+            adapted = copy.deepcopy(head).set_params(feedback_weight=weight).partial_fit(fx[train], fy[train])
+            infant.append(np.mean(adapted.predict(fx[test]) == fy[test]))
+            fer_scores.append(fer(adapted))
+        result[f"adapter_feedback_weight_{weight:g}"] = {"fer2013_val": float(np.mean(fer_scores)), "infant_feedback_half_cv": float(np.mean(infant))}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", type=Path, help="model folders besides the shipped one (registry/default_model)")
+    args = ap.parse_args()
+    results = {}
+    for model_dir in [DEFAULT_DIR, *args.models]:
+        name = "shipped" if model_dir == DEFAULT_DIR else model_dir.name
+        results[name] = measure(model_dir)
+        print(name, results[name], flush=True)
+    write_result("head_adapter_cost", {"command": "python -m bench.head_adapter_cost " + " ".join(map(str, args.models)), "models": results})
+
+
+if __name__ == "__main__":
+    main()
