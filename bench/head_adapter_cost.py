@@ -9,8 +9,12 @@ loses more than a point of FER2013 validation. A backbone whose MLP head a logis
 the replay cannot match starts with that point already spent. For each model folder (the shipped
 model's format), on its own embeddings: the MLP head, a logistic regression on the replay alone,
 and the adapter after feedback at two weights, scored on FER2013 validation and by 4-fold
-cross-validation on the infant feedback half (face crops at the model's framing). The test half
-is not read. Results: bench/results/head_adapter_cost.json.
+cross-validation on the infant feedback half (face crops at the model's framing). Three ways to
+keep more of the MLP's FER2013 answers are scored alike (weight 1): the adapter on the MLP's
+hidden layer instead of the embedding (its output layer is a logistic regression on it), on the
+embedding plus the MLP's log-probabilities (stacked), and with the class-stratified replay
+reweighted to the training data's class mix. The test half is not read.
+Results: bench/results/head_adapter_cost.json.
 """
 
 from __future__ import annotations
@@ -61,6 +65,25 @@ def measure(model_dir: Path) -> dict:
             infant.append(np.mean(adapted.predict(fx[test]) == fy[test]))
             fer_scores.append(fer(adapted))
         result[f"adapter_feedback_weight_{weight:g}"] = {"fer2013_val": float(np.mean(fer_scores)), "infant_feedback_half_cv": float(np.mean(infant))}
+
+    # The variants: (features from embeddings, weight of each replayed item).
+    mlp = head.base_.mlp_
+    prior, replay_share = head._training_prior(), np.bincount(head.replay_y_, minlength=len(head.classes_)) / len(head.replay_y_)
+    unit = np.ones(len(head.replay_y_))
+    variants = {
+        "adapter_on_hidden_layer": (lambda x: np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0), unit),
+        "adapter_stacked_on_mlp_log_proba": (lambda x: np.hstack([x, np.log(np.clip(head.base_.predict_proba(x), 1e-6, 1))]), unit),
+        "adapter_replay_at_training_class_mix": (lambda x: x, (prior / replay_share)[head.replay_y_]),
+    }
+    for name, (features, replay_weight) in variants.items():
+        infant, fer_scores = [], []
+        for train, test in folds:
+            x, y = np.concatenate([fx[train], head.replay_x_]), np.concatenate([fy[train], head.replay_y_])
+            adapter = LogisticRegression(C=head.C, max_iter=3000).fit(
+                features(x), y, sample_weight=np.concatenate([np.ones(len(train)), replay_weight]))
+            infant.append(np.mean(adapter.predict(features(fx[test])) == fy[test]))
+            fer_scores.append(np.mean(adapter.predict(features(vx)) == vy))
+        result[name] = {"fer2013_val": float(np.mean(fer_scores)), "infant_feedback_half_cv": float(np.mean(infant))}
     return result
 
 
