@@ -31,7 +31,7 @@ def test_every_head_type_keeps_the_protocol_and_round_trips_through_skops(kind, 
 
 
 def test_the_mlp_head_can_stop_on_a_share_of_its_own_training_data_and_still_learns_online():
-    x, _ = blobs(100)
+    x, _ = blobs(400)  # a tenth of each class is 40 items: enough to stop on
     noise = np.random.default_rng(0).integers(0, 3, len(x))  # nothing to learn: only memorising would fit it
     converged = create_head("mlp").fit(x, noise)
     stopped = create_head("mlp", validation_fraction=0.1).fit(x, noise)
