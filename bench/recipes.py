@@ -188,12 +188,15 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def first_epoch(name: str) -> int:  # epochs the recipe's starting model had already trained
+        r = results[name]
+        if r.get("continues") in results:
+            return first_epoch(r["continues"]) + results[r["continues"]]["epochs"]
+        return SHIPPED_EPOCHS if r["recipe"].get("init") == "shipped" or name.startswith("cont-") else 0
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name, r in results.items():
-        start = SHIPPED_EPOCHS if r["recipe"].get("init") == "shipped" or name.startswith("cont-") else 0
-        if r.get("continues") in results:
-            start = results[r["continues"]]["epochs"]
-        epochs = [start + c["epoch"] for c in r["curve"]]
+        epochs = [first_epoch(name) + c["epoch"] for c in r["curve"]]
         ax.plot(epochs, [100 * c["val_accuracy"] for c in r["curve"]], "o-", ms=3,
                 label=f"{name}: {100 * r['val_accuracy_backbone_head']:.1f}% served, {r['seconds_per_epoch'] / 60:.1f} min/epoch")
     ax.axhline(100 * SHIPPED_ACCURACY, color="grey", ls=":", label=f"shipped model ({100 * SHIPPED_ACCURACY:.1f}%, {SHIPPED_EPOCHS} epochs)")
