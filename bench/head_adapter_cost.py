@@ -43,8 +43,8 @@ def measure(model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as home:
         registry = ModelRegistry(Settings(home=Path(home)))
         register_shipped(registry, model_dir)
-        head = registry.load_head(CHAMPION).model
-        backbone = registry.load_backbone(registry.load_head(CHAMPION).backbone_version)
+        champion = registry.load_head(CHAMPION)
+        head, backbone = champion.model, registry.load_backbone(champion.backbone_version)
         fx, fy = feedback_half_embeddings(registry)
         prep = backbone.preprocessing
         val = stratified_split(load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES), 0.1, 0)[1]

@@ -28,7 +28,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     validation_fraction = 0.0
     # Below this many held-out items in some class, accuracy on them moves in steps too coarse to stop
     # on (one item is over 3 points of that class), so the fit runs to convergence as before. FER2013's
-    # rarest class (disgust) has about 39 in a tenth of the training split.
+    # rarest class (disgust) has 35 in a tenth of the training split.
     MIN_HELD_OUT_PER_CLASS = 30
 
     def __init__(self, hidden_layer_sizes: tuple[int, ...] = (128,), alpha: float = 1e-3, learning_rate_init: float = 1e-3,
