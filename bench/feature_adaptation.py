@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.feature_adaptation                 # ~20-40 minutes on 2 CPU cores
     .venv/bin/python -m bench.feature_adaptation --only as_is head_adapter
+    .venv/bin/python -m bench.feature_adaptation --model registry/candidates/scratch-light-45-cont-14 --only tune_layer4+embed
 
 The head-level adapter (heads/feedback.py) moves infant accuracy about 2 points: the 64-d
 embedding of a FER2013-trained backbone does not separate infant expressions much better
@@ -25,7 +26,8 @@ Variants:
 - +prior_shift: probabilities moved from FER2013's class mix to the fold's feedback's, for every
   request; +domain_prior: only for requests naming the feedback's domain, as the service does
   (heads/domain.py), or weighted by a learned guess of the domain (`--only domain_prior`).
-Results: bench/results/feature_adaptation.json and .png.
+Results: bench/results/feature_adaptation.json and .png (with ``--model DIR``, another model folder
+in the shipped format: feature_adaptation_<DIR's name>.json and .png).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from infantino.faces import create_detector
 from infantino.images import normalise, open_image
 from infantino.regions import find_regions
 from infantino.settings import Settings
+from registry.shipped import register_shipped
 from registry.store import CHAMPION, ModelRegistry
 from training.adapt import PARTS, AdaptConfig, classifier_proba, fine_tune, interpolate
 from training.data import load_dataset, stratified_split
@@ -103,15 +106,20 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.0, help="distillation weight on replayed images (training/adapt.py)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
+    ap.add_argument("--model", type=Path, help="a model folder in the shipped format (default: the shipped model)")
     args = ap.parse_args()
+    result = "feature_adaptation" + (f"_{args.model.name}" if args.model else "")
     if args.plot_only:
-        return plot(json.loads((RESULTS / "feature_adaptation.json").read_text())["rows"], RESULTS / "feature_adaptation.png")
+        return plot(json.loads((RESULTS / f"{result}.json").read_text())["rows"], RESULTS / f"{result}.png")
     torch.set_num_threads(2)
     started = time.time()
     home = Path(tempfile.mkdtemp(prefix="feature-adaptation-")) / "home"
-    bootstrap_home(home).check_returncode()
+    if not args.model:
+        bootstrap_home(home).check_returncode()
     settings = Settings(home=home)
     registry = ModelRegistry(settings)
+    if args.model:
+        register_shipped(registry, args.model)
     shipped = registry.load_head(CHAMPION)
     backbone = registry.load_backbone(shipped.backbone_version)
     model, prep = backbone.model.float().eval(), backbone.preprocessing
@@ -275,14 +283,14 @@ def main() -> None:
     # --only runs add to (or replace) the rows of earlier runs, each row with the arguments it ran with.
     for row in rows.values():
         row["args"] = {k: v for k, v in vars(args).items() if k != "only"}
-    earlier = RESULTS / "feature_adaptation.json"
+    earlier = RESULTS / f"{result}.json"
     if args.only and earlier.exists():
         rows = {**json.loads(earlier.read_text()).get("rows", {}), **rows}
-    path = write_result("feature_adaptation", {
-        "command": "python -m bench.feature_adaptation",
+    path = write_result(result, {
+        "command": "python -m bench.feature_adaptation" + (f" --model {args.model}" if args.model else ""),
         "data": "feedback half of the infant photos (4 stratified folds); FER2013 validation: a fixed 1200-image sample",
         "rows": rows})
-    plot(rows, RESULTS / "feature_adaptation.png")
+    plot(rows, RESULTS / f"{result}.png")
     print(path)
 
 
@@ -324,7 +332,7 @@ def plot(rows: dict, path: Path) -> None:
         start = rows.get(f"{stem} (training classifier)")
         chain = sorted(chain, reverse=True) if start is None else [(1.0, *point(start)), *sorted(chain, reverse=True)]
         ax.plot([c[1] for c in chain], [c[2] for c in chain], ".-", color="tab:orange", alpha=0.8, lw=1,
-                label="weights interpolated toward the shipped ones (WiSE-FT), weight at each dot" if stem == next(iter(chains)) else None)
+                label="weights interpolated toward the original ones (WiSE-FT), weight at each dot" if stem == next(iter(chains)) else None)
         for w, dx, dy in chain[1:]:
             ax.annotate(f"{w:g}", (dx, dy), fontsize=6, color="tab:orange", xytext=(-4, -9), textcoords="offset points")
     ax.set_xlim(-8, 1.5)

@@ -13,7 +13,9 @@ cross-validation on the infant feedback half (face crops at the model's framing)
 keep more of the MLP's FER2013 answers are scored alike (weight 1): the adapter on the MLP's
 hidden layer instead of the embedding (its output layer is a logistic regression on it), on the
 embedding plus the MLP's log-probabilities (stacked), and with the class-stratified replay
-reweighted to the training data's class mix. The test half is not read.
+reweighted to the training data's class mix. And with the whole training split as the replay
+(each of its embeddings weighted so that together they weigh what the 2,000-item sample does),
+at the adapter's C and at C 0.3 (more regularised). The test half is not read.
 Results: bench/results/head_adapter_cost.json.
 """
 
@@ -47,8 +49,9 @@ def measure(model_dir: Path) -> dict:
         head, backbone = champion.model, registry.load_backbone(champion.backbone_version)
         fx, fy = feedback_half_embeddings(registry)
         prep = backbone.preprocessing
-        val = stratified_split(load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES), 0.1, 0)[1]
+        fer_train, val = stratified_split(load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES), 0.1, 0)
         vx, vy = embed_images(backbone.model.eval(), val.x, prep), val.y
+        tx, ty = embed_images(backbone.model.eval(), fer_train.x, prep), fer_train.y
 
     def fer(h) -> float:
         return float(np.mean(h.predict(vx) == vy))
@@ -66,20 +69,24 @@ def measure(model_dir: Path) -> dict:
             fer_scores.append(fer(adapted))
         result[f"adapter_feedback_weight_{weight:g}"] = {"fer2013_val": float(np.mean(fer_scores)), "infant_feedback_half_cv": float(np.mean(infant))}
 
-    # The variants: (features from embeddings, weight of each replayed item).
     mlp = head.base_.mlp_
     prior, replay_share = head._training_prior(), np.bincount(head.replay_y_, minlength=len(head.classes_)) / len(head.replay_y_)
-    unit = np.ones(len(head.replay_y_))
+    unit, sample = np.ones(len(head.replay_y_)), (head.replay_x_, head.replay_y_)
+    whole = np.full(len(ty), len(head.replay_y_) / len(ty))  # the whole split weighs what the sample does
+    # The variants: (features from embeddings, replay embeddings and labels, weight of each replayed item, C).
     variants = {
-        "adapter_on_hidden_layer": (lambda x: np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0), unit),
-        "adapter_stacked_on_mlp_log_proba": (lambda x: np.hstack([x, np.log(np.clip(head.base_.predict_proba(x), 1e-6, 1))]), unit),
-        "adapter_replay_at_training_class_mix": (lambda x: x, (prior / replay_share)[head.replay_y_]),
+        "adapter_on_hidden_layer": (lambda x: np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0), sample, unit, head.C),
+        "adapter_stacked_on_mlp_log_proba": (lambda x: np.hstack([x, np.log(np.clip(head.base_.predict_proba(x), 1e-6, 1))]),
+                                             sample, unit, head.C),
+        "adapter_replay_at_training_class_mix": (lambda x: x, sample, (prior / replay_share)[head.replay_y_], head.C),
+        "adapter_replay_whole_training_split": (lambda x: x, (tx, ty), whole, head.C),
+        "adapter_replay_whole_training_split_C_0.3": (lambda x: x, (tx, ty), whole, 0.3),
     }
-    for name, (features, replay_weight) in variants.items():
+    for name, (features, (rx, ry), replay_weight, C) in variants.items():
         infant, fer_scores = [], []
         for train, test in folds:
-            x, y = np.concatenate([fx[train], head.replay_x_]), np.concatenate([fy[train], head.replay_y_])
-            adapter = LogisticRegression(C=head.C, max_iter=3000).fit(
+            x, y = np.concatenate([fx[train], rx]), np.concatenate([fy[train], ry])
+            adapter = LogisticRegression(C=C, max_iter=3000).fit(
                 features(x), y, sample_weight=np.concatenate([np.ones(len(train)), replay_weight]))
             infant.append(np.mean(adapter.predict(features(fx[test])) == fy[test]))
             fer_scores.append(np.mean(adapter.predict(features(vx)) == vy))

@@ -78,6 +78,8 @@ def main(verbose: bool) -> None:
 @click.option("--cutmix", default=1.0, help="CutMix alpha (0 turns it off).")
 @click.option("--mix-prob", default=0.5, help="Probability a batch is mixed.")
 @click.option("--occlusion", default=0.2, help="Probability of the lower-face occlusion augmentation.")
+@click.option("--ema-decay", default=0.0,
+              help="> 0: register an exponential moving average of the weights (e.g. 0.998) instead of the last ones.")
 @click.option("--drop-rate", default=0.2, help="Dropout before the embedding layer (a continued model takes it too).")
 @click.option("--freeze-epochs", default=0, help="Two-stage schedule: train only the embedding layer for this many epochs first.")
 @click.option("--unfreeze-lr-scale", default=0.1, help="Backbone learning rate relative to --lr after unfreezing.")
@@ -98,7 +100,7 @@ def main(verbose: bool) -> None:
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, warmup_epochs, optimizer, schedule,
           plateau_patience, weight_decay,
-          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
+          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, ema_decay, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
           seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow.
 
@@ -117,7 +119,7 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
         backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color, face_margin=face_margin,
         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
-        balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion, drop_rate=drop_rate,
+        balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion, ema_decay=ema_decay, drop_rate=drop_rate,
         freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device,
     )

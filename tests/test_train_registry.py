@@ -334,3 +334,20 @@ def test_a_registry_does_not_leak_its_uri_to_child_processes(tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///chosen-by-the-user.db")
     ModelRegistry(Settings(home=tmp_path / "c"), tracking_uri=f"sqlite:///{tmp_path / 'c.db'}")
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///chosen-by-the-user.db"
+
+
+def test_train_backbone_with_ema_returns_and_resumes_the_averaged_weights(tiny_folder, tmp_path):
+    data = load_dataset(tiny_folder, 32, True, classes=None)
+    train, val = stratified_split(data, 0.1, 0)
+    out, metrics = tmp_path / "ckpt", []
+
+    averaged = train_backbone(tiny_config(ema_decay=0.9), train, val, out, on_epoch=lambda e, m: metrics.append(m))
+    assert {"val_accuracy", "val_accuracy_last_weights"} <= set(metrics[0])
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    floats = [k for k, v in ckpt["model"].items() if v.is_floating_point()]
+    # What is returned is the average, which lags the last weights, and the checkpoint keeps both.
+    assert all(torch.equal(averaged.state_dict()[k], ckpt["ema"][k].cpu()) for k in floats)
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in floats)
+    # Resumed with nothing left to do: the averaged weights again, not the last ones.
+    again = train_backbone(tiny_config(ema_decay=0.9), train, val, out, resume=True)
+    assert all(torch.equal(averaged.state_dict()[k], again.state_dict()[k]) for k in floats)
