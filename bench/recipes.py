@@ -45,6 +45,7 @@ RECIPES: dict[str, dict] = {
     # architecture and input size, the current recipe otherwise (AdamW + cosine, balanced sampler)
     "r18-64-adamw": dict(backbone="resnet18", image_size=64),
     "r18-48-adamw": dict(backbone="resnet18", image_size=48),
+    "r18-96-adamw": dict(backbone="resnet18", image_size=96),  # more pixels per face (FER2013's 48 px upscaled)
     "vgg11bn-48-sgd": dict(backbone="vgg11_bn", image_size=48, backbone_args={"mlp_ratio": 0.125}, drop_path_rate=0.0,
                            optimizer="sgd", lr=0.01, weight_decay=1e-4),
     # optimiser and sampling, resnet18 at 64 px
