@@ -3,9 +3,10 @@
 Recipe: AdamW (or SGD with Nesterov momentum) with warm-up then cosine decay (or a cut of
 the rate whenever validation accuracy stops improving), label smoothing, class-balanced
 sampling (or loss weights) for the long tail, flip/rotation/colour/erasing/lower-face-occlusion
-augmentation, mixup and cutmix, and an optional two-stage schedule (frozen backbone first,
-then unfrozen at a lower rate). Seeds are fixed; a checkpoint is written every epoch, so an
-interrupted run continues with ``resume``. bench/recipes.py compares recipes by measurement.
+augmentation, mixup and cutmix, an optional two-stage schedule (frozen backbone first,
+then unfrozen at a lower rate), and an optional moving average of the weights (``ema_decay``).
+Seeds are fixed; a checkpoint is written every epoch, so an interrupted run continues with
+``resume``. bench/recipes.py compares recipes by measurement.
 
 Under torchrun (an initialised process group, see training/distributed.py) the same loop runs
 in every process with DistributedDataParallel: each process takes its part of every epoch
