@@ -120,8 +120,8 @@ def main() -> None:
     registry = ModelRegistry(settings)
     if args.model:
         register_shipped(registry, args.model)
-    shipped = registry.load_head(CHAMPION)
-    backbone = registry.load_backbone(shipped.backbone_version)
+    measured = registry.load_head(CHAMPION)  # the shipped model, or --model
+    backbone = registry.load_backbone(measured.backbone_version)
     model, prep = backbone.model.float().eval(), backbone.preprocessing
     model = model.to(memory_format=torch.contiguous_format)
     files, y, _, _ = infant_split()
@@ -130,12 +130,12 @@ def main() -> None:
     fer_train, fer_val = stratified_split(fer, 0.1, 0)
     replay = fer_train.subset(np.random.default_rng(1).permutation(len(fer_train))[: args.replay])
     val = fer_val.subset(np.random.default_rng(2).permutation(len(fer_val))[:1200])  # a fixed sample: enough to see 1 point
-    root = getattr(shipped.model, "base_", shipped.model)
+    root = getattr(measured.model, "base_", measured.model)
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(x, y))
 
     def head_taught(emb_fold, y_fold, replay_emb=None):
-        """The service's update: the feedback head around the shipped MLP, taught the fold."""
-        head = configure_online(copy.deepcopy(shipped.model), settings.online)
+        """The service's update: the feedback head around the measured model's MLP, taught the fold."""
+        head = configure_online(copy.deepcopy(measured.model), settings.online)
         if replay_emb is not None:  # a new embedding: the replay sample must be in it too
             head.replay_x_, head.replay_y_ = replay_emb.astype(np.float32), replay.y.astype(np.int64)
         return head.partial_fit(emb_fold, y_fold)
