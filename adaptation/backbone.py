@@ -33,7 +33,7 @@ import numpy as np
 
 from backbones.inference import embed_images
 from heads import configure_online
-from heads.domain import DomainPriors, class_shares
+from heads.domain import DomainMemory, DomainPriors, class_shares
 from heads.feedback import FeedbackHead
 from infantino.embeddings import EmbeddingSet
 from infantino.images import open_image, to_model_array
@@ -151,6 +151,10 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
         crossfit[~rest] = proba(fold_model, x[~rest], prep)
         if settings.update_domain_priors:
             crossfit[~rest] = DomainPriors(training_prior).fit(y[rest], list(named[rest])).adjust(crossfit[~rest], list(named[~rest]))
+        if settings.update_domain_memory:  # as the served head answers: the fold's own feedback remembered
+            fold_emb = embed_images(fold_model, x, prep)
+            crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory).fit(
+                fold_emb[rest], y[rest], list(named[rest]), n_classes=len(classes)).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
     s = settings
     verdict = evaluate_gate(val_accuracy(original, gate_val, root), val_accuracy(tuned, gate_val), candidate_proba=crossfit,
                             root_proba=root_proba, labels=y, max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha,
@@ -169,9 +173,10 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
         tags["gate_reason"] = verdict.summary[:4000]
     kept = train.subset(np.random.default_rng(seed).permutation(len(train))[:REPLAY_SAMPLE])  # as training keeps
     replay_set = EmbeddingSet(embed_images(tuned, kept.x, prep), kept.y)
-    # The backbone learned the feedback itself; the head learns only each named domain's mix (if on).
+    # The backbone learned the feedback itself; the head learns only each named domain's mix and
+    # memory (if on), the memory in the adapted embedding.
     head = configure_online(FeedbackHead.around(candidate_head, replay_set, training_prior=tuple(training_prior)),
-                            settings).learn_domains(y, domains)
+                            settings).learn_domains(y, domains, embed_images(tuned, x, prep))
     with registry.start_run(f"backbone-adaptation-from-v{champion.backbone_version}", tags={"kind": ORIGIN}):
         mlflow.log_params({**cfg.to_params(), "interpolation_weight": weight, "parent_version": champion.version, "feedback_items": len(items),
                            "parent_backbone_version": champion.backbone_version})

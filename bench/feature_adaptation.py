@@ -25,7 +25,11 @@ Variants:
   from the shipped ones (WiSE-FT, training/adapt.py), the trade `infantino adapt` chooses along;
 - +prior_shift: probabilities moved from FER2013's class mix to the fold's feedback's, for every
   request; +domain_prior: only for requests naming the feedback's domain, as the service does
-  (heads/domain.py), or weighted by a learned guess of the domain (`--only domain_prior`).
+  (heads/domain.py), or weighted by a learned guess of the domain (`--only domain_prior`);
+- +memory_prototype / +memory_knn W: the fold's feedback embeddings remembered, answering held-out
+  items by class prototype (the service's INFANTINO_UPDATE_DOMAIN_MEMORY, heads/domain.py) or by
+  their 10 nearest neighbours, blended in with weight W (`--only memory`, and `memory_tuned` for
+  the fine-tuned backbones).
 Results: bench/results/feature_adaptation.json and .png (with ``--model DIR``, another model folder
 in the shipped format: feature_adaptation_<DIR's name>.json and .png).
 """
@@ -57,7 +61,7 @@ from bench.common import (
     write_result,
 )
 from heads import configure_online
-from heads.domain import DomainPriors
+from heads.domain import DomainPriors, prototype_proba, unit_rows
 from infantino.faces import create_detector
 from infantino.images import normalise, open_image
 from infantino.regions import find_regions
@@ -94,6 +98,22 @@ def adabn(model, x: np.ndarray, prep):
     for i in range(0, len(x), 64):
         model(torch.from_numpy(normalise(x[order[i : i + 64]], prep)))
     return model.eval()
+
+
+def memory_proba(memory: np.ndarray, labels: np.ndarray, queries: np.ndarray, kind: str, n_classes: int,
+                 temperature: float = 0.1, k: int = 10) -> np.ndarray:
+    """Class probabilities of ``queries`` from a memory of labelled embeddings, by cosine similarity:
+    ``prototype`` (the service's, heads/domain.py) or ``knn`` (the ``k`` nearest, each voting
+    exp(similarity / temperature))."""
+    if kind == "prototype":
+        return prototype_proba(memory, labels, queries, n_classes, temperature)
+    if kind != "knn":
+        raise ValueError(f"kind must be 'prototype' or 'knn', got {kind!r}")
+    sims = unit_rows(queries) @ unit_rows(memory).T
+    nearest = np.argsort(-sims, 1)[:, :k]
+    scores = np.zeros((len(queries), n_classes))
+    np.add.at(scores, (np.arange(len(queries))[:, None], labels[nearest]), np.exp((np.take_along_axis(sims, nearest, 1) - 1) / temperature))
+    return scores / scores.sum(1, keepdims=True)
 
 
 def main() -> None:
@@ -279,6 +299,37 @@ def main() -> None:
                 learned[1].append(float(np.mean(learned_domain(p_val, e_val, e_tr, y[tr], e_rep).argmax(1) == val.y)))
             record(f"{stem}+domain_prior (known domain)", known[0], float(np.mean(known[1])))
             record(f"{stem}+domain_prior (learned domain)", learned[0], float(np.mean(learned[1])))
+
+    if wanted("memory"):
+        # A memory of the feedback's embeddings beside the classifier (issue 11: "a memory of feedback
+        # embeddings blended with the head"): each fold's taught items, embedded by the fold's model,
+        # answer a held-out item by class prototype (cosine to each class's mean) or by its nearest
+        # neighbours; blended with the classifier's probabilities. Applied, like the domain prior, only
+        # to requests naming the feedback's domain, so FER2013 accuracy is the classifier's own.
+        cfg = AdaptConfig(part="layer4+embed", epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight,
+                          replay_size=args.replay, distill=args.distill)
+        stems = {"as_is": [(emb[tr], emb[held], root.predict_proba(emb[held])) for tr, held in folds]}
+        stem_vals = {"as_is": rows["as_is"]["fer2013_val_accuracy"]}
+        if wanted("memory_tuned"):
+            for w in (0.7, 1.0):
+                stems[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"] = []
+            vals_by_w = {0.7: [], 1.0: []}
+            for tr, held in folds:
+                tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
+                for w in (0.7, 1.0):
+                    m = interpolate(model, tuned, w)
+                    e_tr, e_held = embed_images(m, x[tr], prep), embed_images(m, x[held], prep)
+                    stems[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"].append(
+                        (e_tr, e_held, classifier_proba(m, e_held)))
+                    vals_by_w[w].append(float(np.mean(classifier_proba(m, embed_images(m, val.x, prep)).argmax(1) == val.y)))
+            for w, v in vals_by_w.items():
+                stem_vals[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"] = float(np.mean(v))
+        for stem, parts in stems.items():
+            for kind in ("prototype", "knn"):
+                for beta in (0.25, 0.5):
+                    fold_probs = [(1 - beta) * p + beta * memory_proba(e_tr, y[tr], e_held, kind, len(FER_CLASSES))
+                                  for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
+                    record(f"{stem}+memory_{kind} {beta:g}", fold_probs, stem_vals[stem], "FER2013 requests name no domain: unchanged")
 
     # --only runs add to (or replace) the rows of earlier runs, each row with the arguments it ran with.
     for row in rows.values():

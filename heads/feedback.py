@@ -8,7 +8,9 @@ the replay sample; once it has seen feedback, the adapter answers.
 Feedback may name the domain it came from (``domains``, e.g. "infant"): the head then also learns
 that domain's class mix against the training data's (heads/domain.py), and moves answers to
 requests naming that domain toward it; requests naming none are answered as before.
-A backbone adaptation's head (adaptation/backbone.py) learns only the domains' mixes
+With ``domain_memory`` > 0 it also keeps each named domain's feedback embeddings as class
+prototypes, blended with that weight into the answers to requests naming the domain (heads/domain.py).
+A backbone adaptation's head (adaptation/backbone.py) learns only the domains' mixes and memory
 (``learn_domains``): its backbone learned the feedback itself.
 
 Why not continue the MLP with small steps: measured on the infant feedback half
@@ -27,20 +29,21 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from heads.domain import DomainPriors, Domains, class_shares, per_row
+from heads.domain import DomainMemory, DomainPriors, Domains, class_shares, per_row
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 
 
 class FeedbackHead(ClassifierMixin, BaseEstimator):
-    TRUSTED_TYPES = ("heads.feedback.FeedbackHead", "heads.mlp.MLPHead", "heads.domain.DomainPriors",
+    TRUSTED_TYPES = ("heads.feedback.FeedbackHead", "heads.mlp.MLPHead", "heads.domain.DomainPriors", "heads.domain.DomainMemory",
                      "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
     # Heads registered before these existed load without them, and behave as they did then.
     domain_priors, training_prior, training_prior_, domain_priors_ = False, None, None, None
+    domain_memory, domain_memory_ = 0.0, None
 
     def __init__(self, base: MLPHead | None = None, feedback_weight: float = 5.0, replay_size: int = 2000, C: float = 1.0,
                  random_state: int = 0, domain_priors: bool = False,
-                 training_prior: tuple[float, ...] | None = None):
+                 training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0):
         self.base = base
         self.feedback_weight = feedback_weight
         self.replay_size = replay_size
@@ -48,6 +51,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.domain_priors = domain_priors
         self.training_prior = training_prior  # class shares of the training data (None: fit's labels, else the replay's)
+        self.domain_memory = domain_memory  # the weight of each named domain's prototypes in its answers (0: off)
 
     @classmethod
     def around(cls, base, replay: EmbeddingSet, **params) -> "FeedbackHead":
@@ -65,6 +69,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.feedback_domain_ = np.zeros(0, object)  # the domain each item named ("" for none)
         self.adapter_ = None
         self.domain_priors_ = None
+        self.domain_memory_ = None
 
     def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "FeedbackHead":
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
@@ -85,7 +90,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.feedback_y_ = np.concatenate([self.feedback_y_, y])
         named = np.array([d or "" for d in per_row(domains, len(y))], dtype=object)
         self.feedback_domain_ = np.concatenate([getattr(self, "feedback_domain_", np.full(len(self.feedback_y_) - len(y), "", object)), named])
-        self.learn_domains(self.feedback_y_, self.feedback_domain_)
+        self.learn_domains(self.feedback_y_, self.feedback_domain_, self.feedback_x_)
         if len(self.feedback_y_):
             x = np.concatenate([self.feedback_x_, self.replay_x_])
             t = np.concatenate([self.feedback_y_, self.replay_y_])
@@ -96,12 +101,16 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
                 self.adapter_ = adapter.fit(x, t, sample_weight=weight)
         return self
 
-    def learn_domains(self, y: np.ndarray, domains: Domains) -> "FeedbackHead":
-        """Learn each named domain's class mix from labelled items (all there are), without keeping
-        them: partial_fit's last step, and all a backbone adaptation's head needs to learn."""
+    def learn_domains(self, y: np.ndarray, domains: Domains, X: np.ndarray | None = None) -> "FeedbackHead":
+        """Learn each named domain's class mix from labelled items (all there are), and, given their
+        embeddings ``X``, its memory: partial_fit's last step, and all a backbone adaptation's head
+        needs to learn."""
         named = per_row(domains, len(y))
         if self.domain_priors and any(named):
             self.domain_priors_ = DomainPriors(self._training_prior()).fit(np.searchsorted(self.classes_, y), named)
+        if self.domain_memory and X is not None and any(named):
+            self.domain_memory_ = DomainMemory(weight=self.domain_memory).fit(X, np.searchsorted(self.classes_, y), named,
+                                                                             n_classes=len(self.classes_))
         return self
 
     def _training_prior(self) -> np.ndarray:
@@ -125,7 +134,11 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
             # The adapter knows only the classes it has seen; place its columns in the full label set.
             out = np.zeros((len(X), len(self.classes_)), np.float64)
             out[:, np.searchsorted(self.classes_, self.adapter_.classes_)] = self.adapter_.predict_proba(X)
-        return out if self.domain_priors_ is None or domains is None else self.domain_priors_.adjust(out, domains)
+        if domains is None:
+            return out
+        if self.domain_priors_ is not None:
+            out = self.domain_priors_.adjust(out, domains)
+        return out if self.domain_memory_ is None else self.domain_memory_.blend(out, X, domains)
 
     def predict(self, X: np.ndarray, domains: Domains = None) -> np.ndarray:
         return self.classes_[self.predict_proba(X, domains).argmax(1)]

@@ -117,6 +117,7 @@ class OnlineSettings(_Group):
     update_interval_s: float = Field(60.0, gt=0, description="an update also runs when one item has waited this long")
     update_feedback_weight: float = Field(1.0, gt=0, description="feedback head: weight of a feedback item against a replayed training item (chosen by bench/online_tuning.py)")
     update_domain_priors: bool = Field(False, description="feedback head: feedback that names its domain teaches that domain's class mix, and answers to requests naming it move to that mix (heads/domain.py; off: on the held-out infant half it did not help, see README)")
+    update_domain_memory: float = Field(0.0, ge=0, le=1, description="feedback head: feedback that names its domain is remembered (its embeddings, as class prototypes), and answers to requests naming it are blended with the prototypes' answer at this weight (heads/domain.py; 0: off; off by default: on the held-out infant half 0.5 added 2.6 points to the online head but cost the adapted model 1.3, see README)")
     update_learning_rate: float = Field(3e-4, gt=0, description="mlp head: step size of the online partial_fit")
     update_passes: int = Field(5, ge=1, description="mlp head: passes over the new items per update")
     gate_max_val_drop: float = Field(0.01, ge=0, description="validation accuracy a candidate may lose against the lineage's offline-trained head")

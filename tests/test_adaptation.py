@@ -58,13 +58,14 @@ def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_s
         AdaptConfig(interpolation_grid=(0.0, 1.0))
 
 
-def store_feedback(registry, database_url: str, n_per_class: int):
+def store_feedback(registry, database_url: str, n_per_class: int, domain: str | None = None):
     stores = Stores.open(database_url)
     old = registry.load_backbone("1")
     prep = old.preprocessing
     for img, label in faces(n_per_class, seed=9, shifted=True):
         x = to_model_array(open_image(img), prep.input_size, prep.grayscale)[None]
-        stores.feedback.add(task="expression", label=label, embedding=embed_images(old.model, x, prep)[0], backbone_version="1", image=img)
+        stores.feedback.add(task="expression", label=label, embedding=embed_images(old.model, x, prep)[0], backbone_version="1", image=img,
+                            domain=domain)
     return stores
 
 
@@ -76,8 +77,9 @@ def training_data(registry):
 @pytest.mark.slow
 def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_restores_both(infantino_home):
     registry = train_tiny_registry(infantino_home, epochs=3)
-    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9, gate_max_val_drop=1.0)
-    stores = store_feedback(registry, settings.storage.database_url, 4)
+    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9, gate_max_val_drop=1.0,
+                        update_domain_memory=0.5)  # off by default
+    stores = store_feedback(registry, settings.storage.database_url, 4, domain="ward")
 
     report = adapt_from_feedback(registry, stores.feedback, settings.online, training_data(registry), QUICK, val_fraction=0.25)
 
@@ -95,6 +97,13 @@ def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_re
     emb = embed_images(backbone.model, x, backbone.preprocessing)
     expected = classifier_proba(backbone.model, emb)
     np.testing.assert_allclose(head.model.predict_proba(emb), expected, atol=1e-5)
+    # The ward's feedback is remembered in the new embedding (heads/domain.py): its requests are
+    # blended with the prototypes; requests naming no domain are the classifier's alone.
+    stored = np.stack([to_model_array(open_image(i.image), backbone.preprocessing.input_size, backbone.preprocessing.grayscale)
+                       for i in stores.feedback.items("expression")])
+    remembered, _ = head.model.domain_memory_.memory_["ward"]
+    np.testing.assert_allclose(np.sort(remembered, 0), np.sort(embed_images(backbone.model, stored, backbone.preprocessing), 0), atol=1e-4)
+    assert not np.allclose(head.model.predict_proba(emb, "ward"), expected, atol=1e-3)
     # The gate's old-domain check is stored with the head, in the new embedding, for later online updates.
     _, validation = registry.load_embeddings(head)
     assert validation.x.shape[1] == 64 and len(validation) > 0

@@ -95,3 +95,37 @@ def test_feedback_naming_a_domain_moves_only_that_domains_answers(tmp_path):
     off = configure_online(create_head("feedback", replay_size=150, domain_priors=True).fit(x, y), OnlineSettings())
     off.partial_fit(new_x[:60], new_y[:60], domains="infant")
     np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))
+
+
+def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domain(tmp_path):
+    """Each named domain's feedback embeddings answer that domain's requests as class prototypes,
+    blended with the head (INFANTINO_UPDATE_DOMAIN_MEMORY); other requests are answered by the
+    head alone, and 0 (the default) turns it off."""
+    x, y = blobs(100, seed=1)
+    new_x, new_y = blobs(30, domain=1, seed=2)  # the same classes elsewhere: a domain the base never saw
+    head = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings(update_domain_memory=0.5))
+    assert head.domain_memory == 0.5
+    base = head.predict_proba(new_x)
+    head.learn_domains(new_y[::2], "infant", new_x[::2])  # the domain's memory alone, as after a backbone adaptation
+    np.testing.assert_allclose(head.predict_proba(new_x), base)  # no domain named: unchanged
+    np.testing.assert_allclose(head.predict_proba(new_x, "nicu"), base)  # a domain it was not taught: unchanged
+    recalled = head.predict_proba(new_x[1::2], "infant")
+    assert np.allclose(recalled.sum(1), 1)
+    assert np.mean(recalled.argmax(1) == new_y[1::2]) > np.mean(base[1::2].argmax(1) == new_y[1::2]) + 0.2
+    per_row = head.predict_proba(new_x[:4], ["infant", None, "infant", None])
+    np.testing.assert_allclose(per_row[1::2], base[1:4:2])
+    np.testing.assert_allclose(per_row[::2], head.predict_proba(new_x[:4:2], "infant"), atol=1e-6)
+    # Taught online, the memory is every item of the domain so far; it round-trips with the head.
+    head.partial_fit(new_x[:20], new_y[:20], domains="infant").partial_fit(new_x[20:40], new_y[20:40], domains="infant")
+    remembered, labels = head.domain_memory_.memory_["infant"]
+    assert len(remembered) == 40 and sorted(labels) == sorted(new_y[:40])
+    skops.io.dump(head, tmp_path / "head.skops")
+    loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
+    np.testing.assert_allclose(loaded.predict_proba(new_x, "infant"), head.predict_proba(new_x, "infant"))
+    # A domain named by too few items is not remembered; weight 0 remembers nothing.
+    head.partial_fit(new_x[40:43], new_y[40:43], domains="few")
+    np.testing.assert_allclose(head.predict_proba(new_x, "few"), head.predict_proba(new_x))
+    off = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings())
+    off.partial_fit(new_x[:40], new_y[:40], domains="infant")
+    assert off.domain_memory_ is None
+    np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))
