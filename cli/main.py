@@ -22,6 +22,7 @@ import sys
 
 import click
 
+from backbones.views import TTA_MODES
 from infantino import FER_CLASSES
 from infantino.faces import DETECTORS
 from infantino.images import PRECROPPED_FACE_MARGIN
@@ -80,6 +81,11 @@ def main(verbose: bool) -> None:
 @click.option("--occlusion", default=0.2, help="Probability of the lower-face occlusion augmentation.")
 @click.option("--ema-decay", default=0.0,
               help="> 0: register an exponential moving average of the weights (e.g. 0.998) instead of the last ones.")
+@click.option("--distill-from", default=None,
+              help="Knowledge distillation: blend this registered backbone's probabilities (its training classifier, with "
+                   "--distill-tta views) into every training target; needs --mix-prob 0.")
+@click.option("--distill-weight", default=0.5, help="With --distill-from: the teacher's share of each target.")
+@click.option("--distill-tta", type=click.Choice(TTA_MODES), default="flip+shift", help="With --distill-from: the teacher's test-time views.")
 @click.option("--drop-rate", default=0.2, help="Dropout before the embedding layer (a continued model takes it too).")
 @click.option("--freeze-epochs", default=0, help="Two-stage schedule: train only the embedding layer for this many epochs first.")
 @click.option("--unfreeze-lr-scale", default=0.1, help="Backbone learning rate relative to --lr after unfreezing.")
@@ -100,7 +106,7 @@ def main(verbose: bool) -> None:
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, warmup_epochs, optimizer, schedule,
           plateau_patience, weight_decay,
-          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, ema_decay, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
+          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, ema_decay, distill_from, distill_weight, distill_tta, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
           seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow.
 
@@ -120,7 +126,7 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
         balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion, ema_decay=ema_decay, drop_rate=drop_rate,
-        freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
+        distill_weight=distill_weight if distill_from else 0.0, freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device,
     )
     try:
@@ -128,7 +134,8 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
             # Rank 0 opens the registry first: a new SQLite registry is created (migrated) once.
             registry = distributed.main_first(lambda: _registry(task, tracking_uri))
             train_and_register(data, cfg, registry, _classes(classes), limit, out_dir, resume,
-                               not no_promote, crop_faces=crop_faces, init_from=init_from)
+                               not no_promote, crop_faces=crop_faces, init_from=init_from, distill_from=distill_from,
+                               distill_tta=distill_tta)
     except (DatasetError, BackboneError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -141,7 +148,7 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
               help="Score only the validation part of the stratified split `train` makes with this --val-fraction (and --seed).")
 @click.option("--seed", default=0, help="Seed of that split (train's --seed).")
 @click.option("--confusion-png", default=None, help="Write the confusion matrix here.")
-@click.option("--tta", type=click.Choice(["none", "flip", "flip+shift"]), default=None,
+@click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation (default: the service's INFANTINO_TTA).")
 @task_option
 @uri_option

@@ -21,6 +21,7 @@ from cli.main import main
 from registry.store import ModelRegistry, RegistryError
 from training.data import load_dataset, stratified_split
 from backbones.inference import embed_images
+from training.adapt import classifier_proba
 from training.pipeline import train_and_register
 from training.trainer import TrainConfig, train_backbone
 
@@ -351,3 +352,30 @@ def test_train_backbone_with_ema_returns_and_resumes_the_averaged_weights(tiny_f
     # Resumed with nothing left to do: the averaged weights again, not the last ones.
     again = train_backbone(tiny_config(ema_decay=0.9), train, val, out, resume=True)
     assert all(torch.equal(averaged.state_dict()[k], again.state_dict()[k]) for k in floats)
+
+
+def test_distillation_teaches_the_teachers_answers_and_is_refused_without_a_teacher(tiny_folder, tmp_path):
+    data = load_dataset(tiny_folder, 32, True, classes=None)
+    train, val = stratified_split(data, 0.1, 0)
+    # A teacher sure that every image is of the first class: a student that learns only from it says so too.
+    teacher = np.zeros((len(train), len(train.classes)), np.float32)
+    teacher[:, 0] = 1
+    cfg = tiny_config(epochs=4, lr=3e-3, mixup_prob=0.0, label_smoothing=0.0, distill_weight=1.0)
+    student = train_backbone(cfg, train, val, tmp_path / "student", teacher_proba=teacher)
+    said = classifier_proba(student, embed_images(student, train.x, cfg.preprocessing)).argmax(1)
+    assert np.mean(said == 0) > 0.9 and np.mean(train.y == 0) < 0.6
+    with pytest.raises(ValueError, match="teacher's probabilities"):
+        train_backbone(cfg, train, val, tmp_path / "none")
+    with pytest.raises(ValueError, match="mixup_prob"):
+        train_backbone(tiny_config(distill_weight=0.5), train, val, tmp_path / "mixed", teacher_proba=teacher)
+
+    # Through the registry: the teacher is a registered backbone, on its test-time views.
+    reg = ModelRegistry()
+    train_and_register(tiny_folder, tiny_config(), reg, classes=None)
+    taught = train_and_register(tiny_folder, tiny_config(mixup_prob=0.0, distill_weight=0.5), reg, classes=None,
+                                distill_from="champion", distill_tta="flip")
+    params = reg.client.get_run(taught.run_id).data.params
+    assert (params["distill_from"], params["distill_tta"], params["distill_weight"]) == ("champion", "flip", "0.5")
+    res = CliRunner().invoke(main, ["train", "--data", str(tiny_folder), "--classes", "auto", "--backbone", "test_efficientnet",
+                                    "--image-size", "40", "--epochs", "1", "--mix-prob", "0", "--distill-from", "champion"])
+    assert res.exit_code == 1 and "--distill-from champion" in res.output and "--image-size" in res.output

@@ -30,6 +30,7 @@ from backbones.model import BackboneError
 from heads import Head, create_head
 from infantino.embeddings import EmbeddingSet
 from infantino.machine import machine_info
+from training.adapt import classifier_proba
 from training.augment import occlude_lower_face
 from training.data import LabelledImages, load_dataset, stratified_split
 from training import distributed
@@ -72,6 +73,22 @@ def score_pair(head, emb: np.ndarray, occluded_emb: np.ndarray, y: np.ndarray, c
     return metrics, probs
 
 
+def teacher_probabilities(registry: ModelRegistry, version_or_alias: str | None, cfg: TrainConfig, train: LabelledImages,
+                          tta: str, say=print) -> np.ndarray:
+    """A registered backbone's training classifier on each training image (its embedding averaged
+    over the ``tta`` views, as the service's INFANTINO_TTA): the targets a distilled model learns.
+    Test-time views make the teacher better than the network alone (bench/tta.py) at ten passes an
+    image; distillation asks one pass to learn their answer."""
+    if not version_or_alias:
+        raise BackboneError(f"distill_weight {cfg.distill_weight} needs a teacher: name a registered backbone (--distill-from)")
+    teacher = registry.load_backbone(version_or_alias)
+    if teacher.preprocessing.input_size != cfg.image_size or teacher.preprocessing.grayscale != cfg.grayscale:
+        raise BackboneError(f"--distill-from {version_or_alias}: that backbone reads {teacher.preprocessing}; this run's images are "
+                            f"{cfg.preprocessing}. Use the same --image-size and colour mode.")
+    say(f"teacher: {registry.names['backbone']} v{teacher.version} ({version_or_alias}), {tta} views of {len(train)} images", flush=True)
+    return classifier_proba(teacher.model, embed_images(teacher.model, train.x, teacher.preprocessing, tta=tta, progress="teacher"))
+
+
 def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig, say=print):
     loaded = registry.load_backbone(version_or_alias)
     if loaded.preprocessing != cfg.preprocessing or loaded.tags.get("backbone_name") not in (None, cfg.backbone):
@@ -94,15 +111,20 @@ def train_and_register(
     promote: bool = True,
     crop_faces: str | None = None,
     init_from: str | None = None,
+    distill_from: str | None = None,
+    distill_tta: str = "flip+shift",
 ) -> TrainResult:
     """``init_from`` (a backbone version or alias, e.g. ``champion``) continues training a registered
     backbone under a fresh schedule instead of starting from scratch or from timm's weights.
+    ``distill_from`` (with ``cfg.distill_weight``) names the registered backbone whose training
+    classifier, on its ``distill_tta`` views of each training image, is the teacher (``teacher_probabilities``).
 
     Under torchrun every process calls this with its own ``registry`` object (only rank 0 uses it
     to write) and every process gets rank 0's result back.
     """
     with distributed.session(cfg.device) as d:
-        return _train_and_register(d, data_path, cfg, registry, classes, limit, out_dir, resume, promote, crop_faces, init_from)
+        return _train_and_register(d, data_path, cfg, registry, classes, limit, out_dir, resume, promote, crop_faces, init_from,
+                                   distill_from, distill_tta)
 
 
 def fit_head(embeddings: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> Head:
@@ -112,7 +134,7 @@ def fit_head(embeddings: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 
 
 
 def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, registry: ModelRegistry, classes, limit, out_dir,
-                        resume: bool, promote: bool, crop_faces, init_from) -> TrainResult:
+                        resume: bool, promote: bool, crop_faces, init_from, distill_from=None, distill_tta="flip+shift") -> TrainResult:
     started = time.time()
     say = print if d.is_main else (lambda *a, **k: None)
     if d.enabled and d.is_main:
@@ -123,6 +145,7 @@ def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, regist
     say(f"loaded {len(data)} images in {len(data.classes)} classes from {data_path} "
         f"(counts {dict(zip(data.classes, data.class_counts().tolist()))}; skipped {data.skipped} unreadable)", flush=True)
     train, val = stratified_split(data, cfg.val_fraction, cfg.seed)
+    teacher_proba = teacher_probabilities(registry, distill_from, cfg, train, distill_tta, say) if cfg.distill_weight else None
     out_dir = Path(out_dir or registry.settings.storage.home / "runs" / f"{registry.task}-{cfg.backbone}")
     if d.is_main:
         parent_backbone, parent_head = registry.champion_version("backbone"), registry.champion_version("head")
@@ -133,10 +156,11 @@ def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, regist
     with registry.start_run(f"train-{cfg.backbone}", tags=tags) if d.is_main else contextlib.nullcontext() as run:
         if d.is_main:
             mlflow.log_params({**cfg.to_params(), "data": str(data_path), "limit": limit, "n_train": len(train), "n_val": len(val),
-                               "crop_faces": crop_faces or "none", "init_from": init_from or "none", **({"world_size": d.world_size} if d.enabled else {})})
+                               "crop_faces": crop_faces or "none", "init_from": init_from or "none",
+                               "distill_from": distill_from or "none", "distill_tta": distill_tta if distill_from else "none", **({"world_size": d.world_size} if d.enabled else {})})
             mlflow.log_metric("skipped_images", data.skipped)
         backbone = train_backbone(
-            cfg, train, val, out_dir, resume=resume, initial=initial,
+            cfg, train, val, out_dir, resume=resume, initial=initial, teacher_proba=teacher_proba,
             on_epoch=(lambda epoch, m: mlflow.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch)) if d.is_main else None,
         )
         prep = cfg.preprocessing

@@ -73,6 +73,9 @@ class TrainConfig:
     # every step) instead of the last weights; 0.998 averages over about 500 steps. Accuracy here moves
     # by half a point from one epoch to the next at the end of a run (bench/results/recipes.json).
     ema_decay: float = 0.0
+    # > 0: knowledge distillation: each training target is (1 - w) * the (smoothed) label + w * a
+    # teacher's probabilities for that image (train_backbone's ``teacher_proba``; no mixup with it).
+    distill_weight: float = 0.0
     val_fraction: float = 0.1
     seed: int = 0
     threads: int = 0
@@ -102,7 +105,7 @@ class _AugmentedImages(Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
-        return self.transform(self.x[i]), self.y[i]
+        return self.transform(self.x[i]), self.y[i], i  # the index finds the item's teacher probabilities
 
 
 def class_weights(counts: np.ndarray, power: float = 0.5) -> np.ndarray:
@@ -163,11 +166,13 @@ def train_backbone(
     resume: bool = False,
     on_epoch: Callable[[int, dict], None] | None = None,
     initial: EmbeddingNet | None = None,
+    teacher_proba: np.ndarray | None = None,
 ) -> EmbeddingNet:
     """Train an EmbeddingNet (a new one, or fine-tune ``initial``); returns it in eval mode on the CPU.
 
     Under torchrun every process calls this and gets the same model back; ``on_epoch`` is called
     in every process with the metrics of the whole epoch (summed over the processes).
+    ``teacher_proba`` (N x classes, in ``train``'s order) are the targets ``cfg.distill_weight`` blends in.
     """
     from timm.data import Mixup
 
@@ -217,6 +222,14 @@ def train_backbone(
         batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
         generator=order_rng,
     )
+    teacher = None
+    if cfg.distill_weight:
+        if teacher_proba is None or len(teacher_proba) != len(train):
+            raise ValueError(f"distill_weight {cfg.distill_weight} needs the teacher's probabilities for each of the {len(train)} "
+                             "training images")
+        if cfg.mixup_prob > 0:
+            raise ValueError("distillation blends each image's own teacher probabilities: set mixup_prob to 0")
+        teacher = torch.as_tensor(np.asarray(teacher_proba), dtype=torch.float32, device=device)
     mixer = None
     if cfg.mixup_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
         mixer = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
@@ -291,13 +304,15 @@ def train_backbone(
         running, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}" + (" (frozen)" if frozen else ""), unit="batch",
                    disable=not d.is_main)
-        for xb, yb in bar:
+        for xb, yb, ib in bar:
             xb, yb = xb.to(device, memory_format=torch.channels_last), yb.to(device)
             if mixer is not None:
                 xb, target = mixer(xb, yb)
             else:
                 target = torch.full((len(yb), n_classes), cfg.label_smoothing / n_classes, device=device)
                 target.scatter_(1, yb[:, None], 1 - cfg.label_smoothing + cfg.label_smoothing / n_classes)
+            if teacher is not None:
+                target = (1 - cfg.distill_weight) * target + cfg.distill_weight * teacher[ib.to(device)]
             loss = _soft_cross_entropy(ddp(xb) if ddp is not None else model.logits(xb), target, loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
