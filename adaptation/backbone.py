@@ -154,7 +154,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
         if settings.update_domain_memory:  # as the served head answers: the fold's own feedback remembered
             fold_emb = embed_images(fold_model, x, prep)
             crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory).fit(
-                fold_emb[rest], y[rest], list(named[rest]), n_classes=len(classes)).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
+                fold_emb[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
     s = settings
     verdict = evaluate_gate(val_accuracy(original, gate_val, root), val_accuracy(tuned, gate_val), candidate_proba=crossfit,
                             root_proba=root_proba, labels=y, max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha,
@@ -176,7 +176,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     # The backbone learned the feedback itself; the head learns only each named domain's mix and
     # memory (if on), the memory in the adapted embedding.
     head = configure_online(FeedbackHead.around(candidate_head, replay_set, training_prior=tuple(training_prior)),
-                            settings).learn_domains(y, domains, embed_images(tuned, x, prep))
+                            settings).learn_domains(y, domains, embed_images(tuned, x, prep) if settings.update_domain_memory else None)
     with registry.start_run(f"backbone-adaptation-from-v{champion.backbone_version}", tags={"kind": ORIGIN}):
         mlflow.log_params({**cfg.to_params(), "interpolation_weight": weight, "parent_version": champion.version, "feedback_items": len(items),
                            "parent_backbone_version": champion.backbone_version})

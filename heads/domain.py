@@ -67,11 +67,10 @@ class DomainMemory(BaseEstimator):
         self.temperature = temperature
         self.min_items = min_items
 
-    def fit(self, X: np.ndarray, y: np.ndarray, domains: Domains, n_classes: int | None = None) -> DomainMemory:
+    def fit(self, X: np.ndarray, y: np.ndarray, domains: Domains) -> DomainMemory:
         """``X``: embeddings of the feedback; ``y``: their class indices; ``domains``: each item's domain."""
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
         named = np.array(per_row(domains, len(y)), dtype=object)
-        self.n_classes_ = int(n_classes if n_classes is not None else y.max(initial=-1) + 1)
         self.memory_ = {d: (X[named == d], y[named == d]) for d in sorted({d for d in named if d})
                         if np.sum(named == d) >= self.min_items}
         return self

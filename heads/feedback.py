@@ -109,8 +109,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         if self.domain_priors and any(named):
             self.domain_priors_ = DomainPriors(self._training_prior()).fit(np.searchsorted(self.classes_, y), named)
         if self.domain_memory and X is not None and any(named):
-            self.domain_memory_ = DomainMemory(weight=self.domain_memory).fit(X, np.searchsorted(self.classes_, y), named,
-                                                                             n_classes=len(self.classes_))
+            self.domain_memory_ = DomainMemory(weight=self.domain_memory).fit(X, np.searchsorted(self.classes_, y), named)
         return self
 
     def _training_prior(self) -> np.ndarray:

@@ -86,7 +86,9 @@ def teacher_probabilities(registry: ModelRegistry, version_or_alias: str | None,
         raise BackboneError(f"--distill-from {version_or_alias}: that backbone reads {teacher.preprocessing}; this run's images are "
                             f"{cfg.preprocessing}. Use the same --image-size and colour mode.")
     say(f"teacher: {registry.names['backbone']} v{teacher.version} ({version_or_alias}), {tta} views of {len(train)} images", flush=True)
-    return classifier_proba(teacher.model, embed_images(teacher.model, train.x, teacher.preprocessing, tta=tta, progress="teacher"))
+    # Under torchrun each process runs the teacher on its share of the images (all rows everywhere).
+    emb = distributed.embed_sharded(teacher.model, train.x, teacher.preprocessing, progress="teacher", tta=tta)
+    return classifier_proba(teacher.model, emb)
 
 
 def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig, say=print):
