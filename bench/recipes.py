@@ -15,7 +15,9 @@ curve so far) are written every epoch under --out-dir, so a long recipe survives
 Results accumulate in bench/results/recipes.json (a rerun skips recipes already measured);
 the curves are drawn in bench/results/recipes.png (`--plot-only` redraws them). `--record-run`
 adds a run that `infantino train` logged to MLflow (MLFLOW_TRACKING_URI or $INFANTINO_HOME's
-registry), e.g. the one that trained the shipped model, from its per-epoch metrics.
+registry), e.g. the one that trained the shipped model, from its per-epoch metrics. `--ensemble`
+scores registered pairs with their probabilities averaged, `--soup` registered backbones with their
+weights averaged (both recorded under --name).
 """
 
 from __future__ import annotations
@@ -136,6 +138,38 @@ def ensemble(versions: list[str]) -> dict:
             for name, p in probs.items()}
 
 
+def soup(versions: list[str]) -> dict:
+    """A uniform weight soup: the mean of the weights (and normalisation statistics) of registered
+    backbones of one lineage (each continued from the one before, so their weights average
+    meaningfully), with a head fitted on its training embeddings as `infantino train` fits one,
+    scored on the validation split: one network, so it keeps the product's contract, where an
+    ensemble (``ensemble``) costs a pass per member."""
+    import copy
+
+    from infantino.settings import get_settings
+    from registry.store import ModelRegistry
+    from training.adapt import classifier_proba
+
+    registry = ModelRegistry(get_settings())
+    members = [registry.load_backbone(version) for version in versions]
+    prep = members[0].preprocessing
+    if any(m.preprocessing != prep for m in members):
+        raise SystemExit(f"--soup {' '.join(versions)}: the backbones read different images ({[m.preprocessing for m in members]})")
+    states = [m.model.state_dict() for m in members]
+    mean = {key: (sum(s[key].float() for s in states) / len(states)).to(value.dtype) if value.is_floating_point() else value
+            for key, value in states[0].items()}
+    model = copy.deepcopy(members[0].model)
+    model.load_state_dict(mean)
+    model.eval()
+    fer = load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES)
+    train, val = stratified_split(fer, 0.1, 0)
+    val_emb = embed_images(model, val.x, prep, progress="soup (validation)")
+    head = fit_head(embed_images(model, train.x, prep, progress="soup (train)"), train.y, len(FER_CLASSES))
+    return {"backbone_versions": versions,
+            "classifier_accuracy": float(np.mean(classifier_proba(model, val_emb).argmax(1) == val.y)),
+            "val_accuracy_backbone_head": float(np.mean(head.predict_proba(val_emb).argmax(1) == val.y))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
@@ -151,12 +185,18 @@ def main() -> None:
                                                           "so its curve is drawn after that one's epochs")
     ap.add_argument("--ensemble", nargs="+", metavar="HEAD_VERSION",
                     help="score these registered head versions (with their backbones) alone and averaged (does distillation pay?)")
-    ap.add_argument("--name", help="what the ensemble is recorded as (version numbers differ between registries; "
+    ap.add_argument("--soup", nargs="+", metavar="BACKBONE_VERSION",
+                    help="score the mean of these registered backbones' weights (one lineage) with a fitted head")
+    ap.add_argument("--name", help="what the ensemble or soup is recorded as (version numbers differ between registries; "
                                    "default: the versions joined by +)")
     args = ap.parse_args()
     path = RESULTS / "recipes.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    results, ensembles = saved.get("recipes", {}), saved.get("ensembles", {})
+    results, ensembles, soups = saved.get("recipes", {}), saved.get("ensembles", {}), saved.get("soups", {})
+    if args.soup:
+        soups[args.name or "+".join(args.soup)] = scores = soup(args.soup)
+        print(json.dumps(scores, indent=1))
+        return write_result("recipes", {**saved, "soups": soups})
     if args.ensemble:
         ensembles[args.name or "+".join(args.ensemble)] = scores = ensemble(args.ensemble)
         print(json.dumps(scores, indent=1))

@@ -83,7 +83,8 @@ def main(verbose: bool) -> None:
               help="> 0: register an exponential moving average of the weights (e.g. 0.998) instead of the last ones.")
 @click.option("--distill-from", default=None,
               help="Knowledge distillation: blend this registered backbone's probabilities (its training classifier, with "
-                   "--distill-tta views) into every training target; needs --mix-prob 0.")
+                   "--distill-tta views) into every training target; a comma-separated list (e.g. 3,4) averages an "
+                   "ensemble of backbones. Needs --mix-prob 0.")
 @click.option("--distill-weight", default=0.5, help="With --distill-from: the teacher's share of each target.")
 @click.option("--distill-tta", type=click.Choice(TTA_MODES), default="flip+shift", help="With --distill-from: the teacher's test-time views.")
 @click.option("--drop-rate", default=0.2, help="Dropout before the embedding layer (a continued model takes it too).")

@@ -22,7 +22,7 @@ from registry.store import ModelRegistry, RegistryError
 from training.data import load_dataset, stratified_split
 from backbones.inference import embed_images
 from training.adapt import classifier_proba
-from training.pipeline import train_and_register
+from training.pipeline import teacher_probabilities, train_and_register
 from training.trainer import TrainConfig, train_backbone
 
 # A copy of a pre-migrated empty MLflow database per test (see conftest): same registry, no
@@ -376,6 +376,11 @@ def test_distillation_teaches_the_teachers_answers_and_is_refused_without_a_teac
                                 distill_from="champion", distill_tta="flip")
     params = reg.client.get_run(taught.run_id).data.params
     assert (params["distill_from"], params["distill_tta"], params["distill_weight"]) == ("champion", "flip", "0.5")
+    # An ensemble teacher ("1,2") answers the mean of its members' answers.
+    cfg = tiny_config()
+    one, two = (teacher_probabilities(reg, v, cfg, train, "none") for v in ("1", taught.backbone_version))
+    both = teacher_probabilities(reg, f"1, {taught.backbone_version}", cfg, train, "none")
+    assert not np.allclose(one, two) and np.allclose(both, (one + two) / 2, atol=1e-5)
     res = CliRunner().invoke(main, ["train", "--data", str(tiny_folder), "--classes", "auto", "--backbone", "test_efficientnet",
                                     "--image-size", "40", "--epochs", "1", "--mix-prob", "0", "--distill-from", "champion"])
     assert res.exit_code == 1 and "--distill-from champion" in res.output and "--image-size" in res.output

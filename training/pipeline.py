@@ -73,22 +73,27 @@ def score_pair(head, emb: np.ndarray, occluded_emb: np.ndarray, y: np.ndarray, c
     return metrics, probs
 
 
-def teacher_probabilities(registry: ModelRegistry, version_or_alias: str | None, cfg: TrainConfig, train: LabelledImages,
+def teacher_probabilities(registry: ModelRegistry, versions_or_aliases: str | None, cfg: TrainConfig, train: LabelledImages,
                           tta: str, say=print) -> np.ndarray:
-    """A registered backbone's training classifier on each training image (its embedding averaged
-    over the ``tta`` views, as the service's INFANTINO_TTA): the targets a distilled model learns.
-    Test-time views make the teacher better than the network alone (bench/tta.py) at ten passes an
-    image; distillation asks one pass to learn their answer."""
-    if not version_or_alias:
+    """The teacher's answer for each training image: a registered backbone's training classifier
+    on its embedding averaged over the ``tta`` views (as the service's INFANTINO_TTA), or, for a
+    comma-separated list of backbones, the mean of their answers (an ensemble of checkpoints).
+    Test-time views and ensembles make the teacher better than one network alone (bench/tta.py) at
+    many passes an image; distillation asks one pass to learn their answer."""
+    names = [name.strip() for name in (versions_or_aliases or "").split(",") if name.strip()]
+    if not names:
         raise BackboneError(f"distill_weight {cfg.distill_weight} needs a teacher: name a registered backbone (--distill-from)")
-    teacher = registry.load_backbone(version_or_alias)
-    if teacher.preprocessing.input_size != cfg.image_size or teacher.preprocessing.grayscale != cfg.grayscale:
-        raise BackboneError(f"--distill-from {version_or_alias}: that backbone reads {teacher.preprocessing}; this run's images are "
-                            f"{cfg.preprocessing}. Use the same --image-size and colour mode.")
-    say(f"teacher: {registry.names['backbone']} v{teacher.version} ({version_or_alias}), {tta} views of {len(train)} images", flush=True)
-    # Under torchrun each process runs the teacher on its share of the images (all rows everywhere).
-    emb = distributed.embed_sharded(teacher.model, train.x, teacher.preprocessing, progress="teacher", tta=tta)
-    return classifier_proba(teacher.model, emb)
+    answers = []
+    for name in names:
+        teacher = registry.load_backbone(name)
+        if teacher.preprocessing.input_size != cfg.image_size or teacher.preprocessing.grayscale != cfg.grayscale:
+            raise BackboneError(f"--distill-from {name}: that backbone reads {teacher.preprocessing}; this run's images are "
+                                f"{cfg.preprocessing}. Use the same --image-size and colour mode.")
+        say(f"teacher: {registry.names['backbone']} v{teacher.version} ({name}), {tta} views of {len(train)} images", flush=True)
+        # Under torchrun each process runs the teacher on its share of the images (all rows everywhere).
+        emb = distributed.embed_sharded(teacher.model, train.x, teacher.preprocessing, progress="teacher", tta=tta)
+        answers.append(classifier_proba(teacher.model, emb))
+    return np.mean(answers, axis=0)
 
 
 def _initial_backbone(registry: ModelRegistry, version_or_alias: str, cfg: TrainConfig, say=print):
