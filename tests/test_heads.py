@@ -7,6 +7,7 @@ import pytest
 import skops.io
 
 from heads import HEADS, Head, configure_online, create_head, trusted_types
+from heads.mlp import MLPHead
 from infantino.settings import OnlineSettings
 
 
@@ -40,6 +41,25 @@ def test_the_mlp_head_can_stop_on_a_share_of_its_own_training_data_and_still_lea
     stopped.partial_fit(x[:10], noise[:10])  # online updates continue the early-stopped MLP
     few = create_head("mlp", validation_fraction=0.1).fit(*blobs(5))  # too few to hold any out: fitted as before
     assert few.mlp_.validation_scores_ is None
+
+
+def test_an_mlp_head_made_from_a_linear_classifier_answers_as_it_and_learns_online(tmp_path):
+    x, y = blobs(40)
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((3, 64)), rng.standard_normal(3)
+    scores = x @ weight.T + bias
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    head = MLPHead.from_linear(weight, bias)
+    assert isinstance(head, Head) and list(head.classes_) == [0, 1, 2]
+    np.testing.assert_allclose(head.predict_proba(x), expected, atol=1e-5)
+    head.partial_fit(x, y)  # online learning moves it from there, toward the labels
+    assert np.mean(head.predict(x) == y) > np.mean(expected.argmax(1) == y)
+    skops.io.dump(head, tmp_path / "head.skops")
+    loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
+    np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x))
+    with pytest.raises(ValueError, match="at least 6 units"):
+        MLPHead.from_linear(weight, bias, hidden_layer_sizes=(4,))
 
 
 def test_the_feedback_head_learns_a_new_domain_and_is_order_free():

@@ -152,6 +152,16 @@ def test_train_register_reload(tiny_folder):
     assert metrics["val_accuracy"] == pytest.approx(float(np.mean(val_pred == val.y)))
 
 
+def test_the_head_is_refitted_on_the_training_embeddings_or_answers_as_the_training_classifier(tiny_folder):
+    data = load_dataset(tiny_folder, 32, True, classes=None)
+    for head_from, answers_as_classifier in (("refit", False), ("classifier", True)):
+        reg = RecordingRegistry()
+        train_and_register(tiny_folder, tiny_config(head=head_from), reg, classes=None)
+        emb = embed_images(reg.logged["backbone"], data.x, tiny_config().preprocessing)
+        same = np.allclose(reg.logged["head"].predict_proba(emb), classifier_proba(reg.logged["backbone"], emb), atol=1e-5)
+        assert same == answers_as_classifier, head_from
+
+
 def _positions(full, part) -> np.ndarray:
     """Indices in ``full`` of the images in ``part`` (the tiny faces are all distinct)."""
     flat = full.x.reshape(len(full), -1)
@@ -352,6 +362,19 @@ def test_train_backbone_with_ema_returns_and_resumes_the_averaged_weights(tiny_f
     # Resumed with nothing left to do: the averaged weights again, not the last ones.
     again = train_backbone(tiny_config(ema_decay=0.9), train, val, out, resume=True)
     assert all(torch.equal(averaged.state_dict()[k], again.state_dict()[k]) for k in floats)
+
+
+def test_bf16_precision_trains_in_mixed_precision_and_keeps_float32_weights(tiny_folder, tmp_path):
+    data = load_dataset(tiny_folder, 32, True, classes=None)
+    train, val = stratified_split(data, 0.1, 0)
+    full = train_backbone(tiny_config(), train, val, tmp_path / "fp32")
+    mixed = train_backbone(tiny_config(precision="bf16"), train, val, tmp_path / "bf16")
+    weights = {k: v for k, v in mixed.state_dict().items() if v.is_floating_point()}
+    assert all(v.dtype == torch.float32 for v in weights.values())  # the master weights stay float32
+    # Same seed, same data: only the arithmetic differs, so the weights do (the option is really used).
+    assert any(not torch.allclose(v, full.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        train_backbone(tiny_config(precision="fp16"), train, val, tmp_path / "bad")
 
 
 def test_distillation_teaches_the_teachers_answers_and_is_refused_without_a_teacher(tiny_folder, tmp_path):

@@ -28,6 +28,8 @@ from registry.store import ModelRegistry
 from backbones.inference import embed_images
 from backbones.model import BackboneError
 from heads import Head, create_head
+from heads.feedback import FeedbackHead
+from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
 from infantino.machine import machine_info
 from training.adapt import classifier_proba
@@ -134,15 +136,26 @@ def train_and_register(
                                    distill_from, distill_tta)
 
 
-def fit_head(embeddings: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> Head:
-    """The head a training run registers, fitted on its backbone's training embeddings (bench/recipes.py scores recipes with it)."""
-    base = create_head("mlp", random_state=seed, validation_fraction=HEAD_HOLDOUT)
-    return create_head(random_state=seed, base=base).fit(embeddings, y, classes=np.arange(n_classes))
+def fit_head(embeddings: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, classifier=None) -> Head:
+    """The head a training run registers, on its backbone's training embeddings (bench/recipes.py scores recipes with it).
+
+    With ``classifier`` (the backbone's training classifier, a torch Linear): the MLP answers as that
+    classifier does (MLPHead.from_linear: calibrated where a refit is overconfident, bench/head_init.py);
+    without: an MLP fitted on the embeddings, stopped early on a held-out tenth of them.
+    """
+    if classifier is None:
+        base = create_head("mlp", random_state=seed, validation_fraction=HEAD_HOLDOUT)
+        return create_head(random_state=seed, base=base).fit(embeddings, y, classes=np.arange(n_classes))
+    base = MLPHead.from_linear(classifier.weight.detach().cpu().numpy(), classifier.bias.detach().cpu().numpy(), random_state=seed)
+    shares = np.bincount(np.asarray(y), minlength=n_classes) / max(len(y), 1)
+    return FeedbackHead.around(base, EmbeddingSet(embeddings, y), random_state=seed, training_prior=tuple(float(p) for p in shares))
 
 
 def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, registry: ModelRegistry, classes, limit, out_dir,
                         resume: bool, promote: bool, crop_faces, init_from, distill_from=None, distill_tta="flip+shift") -> TrainResult:
     started = time.time()
+    if cfg.head not in ("refit", "classifier"):
+        raise ValueError(f"head must be refit or classifier, got {cfg.head!r}")
     say = print if d.is_main else (lambda *a, **k: None)
     if d.enabled and d.is_main:
         say(f"distributed training: {d.world_size} processes ({'nccl' if distributed.device_for(cfg.device, d).type == 'cuda' else 'gloo'})", flush=True)
@@ -177,7 +190,7 @@ def _train_and_register(d: distributed.Dist, data_path, cfg: TrainConfig, regist
         val_occluded = distributed.embed_sharded(backbone, val.x, prep, transform=occlude_lower_face)
         if not d.is_main:
             return TrainResult(**distributed.broadcast_object(None))
-        head = fit_head(train_emb, train.y, len(data.classes), cfg.seed)
+        head = fit_head(train_emb, train.y, len(data.classes), cfg.seed, backbone.classifier if cfg.head == "classifier" else None)
         metrics, probs = score_pair(head, val_emb, val_occluded, val.y, data.classes)
         metrics["train_seconds"] = time.time() - started
         mlflow.log_metrics(metrics)
