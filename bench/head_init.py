@@ -1,7 +1,7 @@
 """Which MLP head should a training run register: refitted on the training embeddings, or answering as
 the backbone's own training classifier?
 
-    .venv/bin/python -m bench.head_init      # ~8 minutes for the five committed networks
+    .venv/bin/python -m bench.head_init      # ~15 minutes for the six committed networks
 
 For each model folder (the shipped model and the candidates): the backbone embeds the FER2013
 training split and the validation split of its training run; the head ``infantino train --head
@@ -32,7 +32,7 @@ from training.pipeline import fit_head
 
 MODELS = ["registry/default_model", "registry/candidates/scratch-light-45-cont-14",
           "registry/candidates/scratch-light-45-cont-14-distill-10", "registry/candidates/scratch-distill-28",
-          "registry/candidates/scratch-distill-40"]
+          "registry/candidates/scratch-distill-40", "registry/candidates/scratch-distill-40-restart-24"]
 
 
 def main() -> None:

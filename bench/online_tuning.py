@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.online_tuning                    # ~10-20 minutes on 2 CPU cores
     .venv/bin/python -m bench.online_tuning --variants update_feedback_weight=3 update_feedback_weight=5,gate_worse_alpha=0.05
+    .venv/bin/python -m bench.online_tuning --model registry/candidates/NAME --variants ...   # another model folder
 
 The feedback half of the infant photos (bench/common.infant_split) is cut into 4 stratified
 folds. For each setting and fold, the other three folds are fed, 32 items per update, through
@@ -31,6 +32,7 @@ from infantino.images import open_image
 from infantino.regions import find_regions
 from infantino.settings import Settings
 from online.updater import Updater
+from registry.shipped import register_shipped
 from registry.store import CHAMPION, ModelRegistry
 from store import Stores
 
@@ -77,9 +79,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="online settings to compare, each name=value,...")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--model", type=Path, default=None, help="a model folder in the shipped format (default: the shipped model)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="online-tuning-")) / "home"
-    bootstrap_home(home).check_returncode()
+    if args.model is None:
+        bootstrap_home(home).check_returncode()
+    else:
+        register_shipped(ModelRegistry(Settings(home=home)), args.model)
     emb, y = feedback_half_embeddings(ModelRegistry(Settings(home=home)))
     order = np.random.default_rng(0).permutation(len(y))  # the arrival order of the stream
     results = {}
@@ -93,7 +99,9 @@ def main() -> None:
                             "mean_as_is_accuracy": float(np.mean([r["as_is_accuracy"] for r in runs])),
                             "mean_fer2013_val_accuracy": float(np.mean([r["fer2013_val_accuracy"] for r in runs])), "runs": runs}
     best = max(results, key=lambda v: results[v]["mean_accuracy"])
-    path = write_result("online_tuning", {"command": "python -m bench.online_tuning " + " ".join(args.variants), "chosen": best,
+    name = "online_tuning" + (f"_{args.model.name}" if args.model else "")
+    path = write_result(name, {"command": "python -m bench.online_tuning " + (f"--model {args.model} " if args.model else "")
+                               + " ".join(args.variants), "model": str(args.model or "registry/default_model"), "chosen": best,
                                           "by_variant": results, "folds": args.folds, "batch": args.batch,
                                           "data": "feedback half of the infant photos only (4 stratified folds)"})
     for v, r in results.items():

@@ -40,10 +40,11 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
     # Heads registered before these existed load without them, and behave as they did then.
     domain_priors, training_prior, training_prior_, domain_priors_ = False, None, None, None
     domain_memory, domain_memory_ = 0.0, None
+    replay_targets = "labels"
 
     def __init__(self, base: MLPHead | None = None, feedback_weight: float = 5.0, replay_size: int = 2000, C: float = 1.0,
                  random_state: int = 0, domain_priors: bool = False,
-                 training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0):
+                 training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0, replay_targets: str = "labels"):
         self.base = base
         self.feedback_weight = feedback_weight
         self.replay_size = replay_size
@@ -52,6 +53,10 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.domain_priors = domain_priors
         self.training_prior = training_prior  # class shares of the training data (None: fit's labels, else the replay's)
         self.domain_memory = domain_memory  # the weight of each named domain's prototypes in its answers (0: off)
+        # What the adapter learns on the replay sample: "labels", or "base": the base head's answers
+        # (soft targets, as each item once per class weighted by the base's probability), so that with
+        # no feedback the adapter answers as the base does on the training data.
+        self.replay_targets = replay_targets
 
     @classmethod
     def around(cls, base, replay: EmbeddingSet, **params) -> "FeedbackHead":
@@ -92,14 +97,26 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.feedback_domain_ = np.concatenate([getattr(self, "feedback_domain_", np.full(len(self.feedback_y_) - len(y), "", object)), named])
         self.learn_domains(self.feedback_y_, self.feedback_domain_, self.feedback_x_)
         if len(self.feedback_y_):
-            x = np.concatenate([self.feedback_x_, self.replay_x_])
-            t = np.concatenate([self.feedback_y_, self.replay_y_])
-            weight = np.concatenate([np.full(len(self.feedback_y_), self.feedback_weight), np.ones(len(self.replay_y_))])
+            replay_x, replay_y, replay_w = self._replay_targets()
+            x = np.concatenate([self.feedback_x_, replay_x])
+            t = np.concatenate([self.feedback_y_, replay_y])
+            weight = np.concatenate([np.full(len(self.feedback_y_), self.feedback_weight), replay_w])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 adapter = LogisticRegression(C=self.C, max_iter=2000, random_state=self.random_state)
                 self.adapter_ = adapter.fit(x, t, sample_weight=weight)
         return self
+
+    def _replay_targets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The replay sample as the adapter's rows: each item with its label (weight 1), or with
+        ``replay_targets="base"`` once per class the base head gives it over 0.1%, weighted by that probability."""
+        if self.replay_targets == "labels":
+            return self.replay_x_, self.replay_y_, np.ones(len(self.replay_y_))
+        if self.replay_targets != "base":
+            raise ValueError(f"replay_targets must be labels or base, got {self.replay_targets!r}")
+        proba = self.base_.predict_proba(self.replay_x_)
+        item, column = np.nonzero(proba > 1e-3)
+        return self.replay_x_[item], self.classes_[column], proba[item, column]
 
     def learn_domains(self, y: np.ndarray, domains: Domains, X: np.ndarray | None = None) -> "FeedbackHead":
         """Learn each named domain's class mix from labelled items (all there are), and, given their

@@ -7,7 +7,9 @@ import pytest
 import skops.io
 
 from heads import HEADS, Head, configure_online, create_head, trusted_types
+from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
+from infantino.embeddings import EmbeddingSet
 from infantino.settings import OnlineSettings
 
 
@@ -60,6 +62,21 @@ def test_an_mlp_head_made_from_a_linear_classifier_answers_as_it_and_learns_onli
     np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x))
     with pytest.raises(ValueError, match="at least 6 units"):
         MLPHead.from_linear(weight, bias, hidden_layer_sizes=(4,))
+
+
+def test_the_adapter_learns_the_replay_from_its_labels_or_from_the_base_heads_answers():
+    x, _ = blobs(100)
+    rng = np.random.default_rng(1)
+    base = MLPHead.from_linear(rng.standard_normal((3, 64)), np.zeros(3))  # a base that disagrees with the labels
+    labels = rng.integers(0, 3, len(x))
+    agreement = {}
+    for targets in ("labels", "base"):
+        head = FeedbackHead.around(base, EmbeddingSet(x, labels), replay_targets=targets, replay_size=len(x))
+        head.partial_fit(x[:1], labels[:1])  # one correction: the adapter now answers
+        agreement[targets] = np.mean(head.predict(x) == base.predict(x))
+    assert agreement["base"] > 0.9 > agreement["labels"] + 0.3
+    with pytest.raises(ValueError, match="replay_targets must be labels or base"):
+        FeedbackHead.around(base, EmbeddingSet(x, labels), replay_targets="soft").partial_fit(x[:1], labels[:1])
 
 
 def test_the_feedback_head_learns_a_new_domain_and_is_order_free():
