@@ -65,7 +65,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         For a backbone's own training classifier: trained with the backbone on augmented faces and
         soft targets, it is calibrated on faces it never saw (ECE 0.03-0.05 on FER2013 validation),
         where an MLP refitted on the training faces' embeddings, which the backbone has learnt, is
-        overconfident (0.06-0.18) and about as accurate (0.3 points more on average: bench/head_init.py). Two ReLU units a class
+        overconfident (0.06-0.18) and about as accurate (0.2 points more on average over six networks: bench/head_init.py). Two ReLU units a class
         carry its score z: relu(z) - relu(-z) = z; the other hidden units keep their random input
         weights and start with zero output weights.
         """
