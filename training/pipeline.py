@@ -28,6 +28,7 @@ from registry.store import ModelRegistry
 from backbones.inference import embed_images
 from backbones.model import BackboneError
 from heads import Head, create_head
+from heads.domain import class_shares
 from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
 from infantino.embeddings import EmbeddingSet
@@ -147,7 +148,7 @@ def fit_head(embeddings: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 
         base = create_head("mlp", random_state=seed, validation_fraction=HEAD_HOLDOUT)
         return create_head(random_state=seed, base=base).fit(embeddings, y, classes=np.arange(n_classes))
     base = MLPHead.from_linear(classifier.weight.detach().cpu().numpy(), classifier.bias.detach().cpu().numpy(), random_state=seed)
-    shares = np.bincount(np.asarray(y), minlength=n_classes) / max(len(y), 1)
+    shares = class_shares(np.asarray(y), n_classes)  # as FeedbackHead.fit keeps them
     return FeedbackHead.around(base, EmbeddingSet(embeddings, y), random_state=seed, training_prior=tuple(float(p) for p in shares))
 
 
