@@ -7,7 +7,7 @@ layer4 and the projection fine-tuned +4.3). This job adapts the features:
 
 stored feedback images and labels + a replay sample of the model's training data -> a fine-tune
 -> its weights interpolated toward the champion's as far as one half of the training data's
-validation split allows -> cross-fitted fine-tunes interpolated alike (each fold's items scored
+validation split allows with confidence -> cross-fitted fine-tunes interpolated alike (each fold's items scored
 by a model fine-tuned on the other folds) -> the online gate (online/gate.py: against the
 lineage's offline-trained head on the same items, and on the other validation half) -> a new backbone version and a head version (the
 fine-tuned classifier, as the feedback head's base) registered with lineage tags and the
@@ -128,14 +128,15 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     original = backbone.model
     root_proba = root.predict_proba(embed_images(original, x, prep))
 
-    def val_accuracy(model, data: LabelledImages, head=None) -> float:
+    def val_right(model, data: LabelledImages, head=None) -> np.ndarray:
+        """Which of ``data``'s faces the model gets right (its training classifier unless ``head``)."""
         emb = embed_images(model, data.x, prep)
-        return float(np.mean((head.predict(emb) if head is not None else classifier_proba(model, emb).argmax(1)) == data.y))
+        return (head.predict(emb) if head is not None else classifier_proba(model, emb).argmax(1)) == data.y
 
     say(f"fine-tuning {cfg.part} on all {len(items)} feedback images + {len(replay)} replayed", flush=True)
     tuned_fully = fine_tune(original, x, y, replay.x, replay.y, prep, cfg)
-    weight = choose_interpolation(original, tuned_fully, cfg, val_accuracy(original, choose_val, root),
-                                  settings.gate_max_val_drop * cfg.val_budget, lambda m: val_accuracy(m, choose_val), say)
+    weight = choose_interpolation(original, tuned_fully, cfg, val_right(original, choose_val, root),
+                                  settings.gate_max_val_drop, lambda m: val_right(m, choose_val), say)
     tuned = interpolate(original, tuned_fully, weight)
 
     # The served head learns each named domain's class mix from the feedback (heads/domain.py); so
@@ -156,7 +157,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
             crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory).fit(
                 fold_emb[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
     s = settings
-    verdict = evaluate_gate(val_accuracy(original, gate_val, root), val_accuracy(tuned, gate_val), candidate_proba=crossfit,
+    verdict = evaluate_gate(float(val_right(original, gate_val, root).mean()), float(val_right(tuned, gate_val).mean()), candidate_proba=crossfit,
                             root_proba=root_proba, labels=y, max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha,
                             min_items=s.gate_min_items, worse_alpha=s.gate_worse_alpha)
     say(f"gate: {verdict.summary}", flush=True)
@@ -198,16 +199,33 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     return report
 
 
-def choose_interpolation(original, tuned, cfg: AdaptConfig, reference_accuracy: float, allowed_drop: float,
-                         accuracy_of, say=print) -> float:
-    """The largest weight of ``cfg.interpolation_grid`` whose model (``interpolate(original, tuned, w)``)
-    keeps ``accuracy_of(model)`` within ``allowed_drop`` of ``reference_accuracy``; the smallest weight
-    if none does (the gate then has the last word). Most adaptation for a bounded old-domain cost."""
-    grid = sorted(cfg.interpolation_grid, reverse=True)
-    for w in grid:
-        acc = accuracy_of(interpolate(original, tuned, w))
-        say(f"interpolation {w:g}: old-domain validation {acc:.4f} (reference {reference_accuracy:.4f}, "
-            f"allowed drop {allowed_drop:.4f})", flush=True)
-        if acc >= reference_accuracy - allowed_drop:
+def choose_interpolation(original, tuned, cfg: AdaptConfig, reference_right: np.ndarray, allowed_drop: float,
+                         right_of, say=print) -> float:
+    """The weight of ``cfg.interpolation_grid`` to serve (``interpolate(original, tuned, w)``):
+    ``safe_weight`` on the faces ``right_of(model)`` gets right against ``reference_right``."""
+    right = {w: np.asarray(right_of(interpolate(original, tuned, w)), bool) for w in cfg.interpolation_grid}
+    for w in sorted(right, reverse=True):
+        drop, error = drop_and_error(reference_right, right[w])
+        say(f"interpolation {w:g}: old-domain validation {right[w].mean():.4f} (reference {np.mean(reference_right):.4f}; "
+            f"drop {drop:+.4f} +- {error:.4f}; allowed {allowed_drop:.4f} at z={cfg.choice_z:g})", flush=True)
+    return safe_weight(right, reference_right, allowed_drop, cfg.choice_z)
+
+
+def safe_weight(right: dict[float, np.ndarray], reference_right: np.ndarray, allowed_drop: float, z: float) -> float:
+    """The largest weight whose old-domain drop (``reference_right`` against ``right[w]``, which
+    faces each gets right) is within ``allowed_drop`` with one-sided confidence: drop + z x its
+    standard error. The smallest weight if none is (the gate then has the last word). Most
+    adaptation for an old-domain cost the gate, judging other faces, will most likely accept."""
+    for w in sorted(right, reverse=True):
+        drop, error = drop_and_error(reference_right, right[w])
+        if drop + z * error <= allowed_drop:
             return w
-    return grid[-1]
+    return min(right)
+
+
+def drop_and_error(reference_right: np.ndarray, candidate_right: np.ndarray) -> tuple[float, float]:
+    """Accuracy lost from reference to candidate on the same faces, and its standard error (paired:
+    only the faces they disagree on vary)."""
+    change = np.asarray(candidate_right, float) - np.asarray(reference_right, float)
+    error = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else float("inf")
+    return float(-change.mean()), error

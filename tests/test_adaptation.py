@@ -43,17 +43,26 @@ def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_s
         assert torch.allclose(half[key], (original.state_dict()[key] + tuned.state_dict()[key]) / 2)
     assert not torch.equal(original.state_dict()[key], half[key])  # the original is not changed
 
-    # An old-domain accuracy that falls as the weight moves toward the fine-tune: 0.80 - 0.04 * weight.
-    def accuracy_of(model):
+    # An old-domain accuracy that falls as the weight moves toward the fine-tune: of 10,000 faces
+    # the reference gets the first 8,000 right, a weight-w model loses the last 400 * w of them.
+    reference = np.arange(10_000) < 8_000
+
+    def right_of(model):
         w = float((model.state_dict()[key] - original.state_dict()[key]).norm()
                   / (tuned.state_dict()[key] - original.state_dict()[key]).norm())
-        return 0.80 - 0.04 * w
+        return np.arange(10_000) < 8_000 - round(400 * w)
 
-    cfg = AdaptConfig(interpolation_grid=(0.25, 1.0, 0.5, 0.75))
     quiet = lambda *a, **k: None
-    assert choose_interpolation(original, tuned, cfg, 0.80, 0.021, accuracy_of, quiet) == 0.5
-    assert choose_interpolation(original, tuned, cfg, 0.80, 0.05, accuracy_of, quiet) == 1.0
-    assert choose_interpolation(original, tuned, cfg, 0.80, 0.001, accuracy_of, quiet) == 0.25  # none safe: the least
+    point = AdaptConfig(interpolation_grid=(0.25, 1.0, 0.5, 0.75), choice_z=0)  # drops 1, 2, 3, 4 points
+    assert choose_interpolation(original, tuned, point, reference, 0.021, right_of, quiet) == 0.5
+    assert choose_interpolation(original, tuned, point, reference, 0.05, right_of, quiet) == 1.0
+    assert choose_interpolation(original, tuned, point, reference, 0.001, right_of, quiet) == 0.25  # none safe: the least
+    # With confidence: weight 0.5's drop (2 points, standard error 0.14) is within 2.1 at z=0 but
+    # not at z=1.645; 0.25's (1 point, 0.10) is.
+    assert choose_interpolation(original, tuned, AdaptConfig(interpolation_grid=(0.25, 1.0, 0.5, 0.75)), reference, 0.021,
+                                right_of, quiet) == 0.25
+    with pytest.raises(ValueError, match="choice_z"):
+        AdaptConfig(choice_z=-1)
     with pytest.raises(ValueError, match="interpolation_grid"):
         AdaptConfig(interpolation_grid=(0.0, 1.0))
 

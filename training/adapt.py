@@ -37,19 +37,25 @@ class AdaptConfig:
     # model's softened answers (temperature 2), weighted so; 0: replayed labels only.
     distill: float = 0.0
     # WiSE-FT (Wortsman et al., 2022): the weights served are interpolate(original, fine-tuned, w),
-    # w the largest of these whose old-domain cost stays within ``val_budget`` of the gate's allowed
-    # drop, measured on a part of the validation split the gate does not see (adaptation/backbone.py).
+    # w the largest of these whose old-domain drop is, with one-sided confidence, within the gate's
+    # allowed drop: drop + choice_z x its standard error (paired, per face) on a part of the
+    # validation split the gate does not see (adaptation/backbone.py). A point estimate within half
+    # the allowance (the rule until 2026-12-05) let the gate refuse 25-27% of random halvings for
+    # the two models measured, the bound 3-10% (bench/interpolation_choice.py): on a 1,285-face half
+    # a difference has a standard error near 0.8 points, the size of the allowance itself.
     # Steps of 0.15, not finer: with steps of 0.05 (2026-12-04, bench/results/infant_adaptation_fine_grid.json)
-    # the largest weight passing on one half (1,285 faces) lost 1.17 points on the gate's half and was
-    # refused; more weights tried on a noisy half means a more optimistic pick (the winner's curse).
+    # the largest weight passing on one half lost 1.17 points on the gate's half and was refused;
+    # more weights tried on a noisy half means a more optimistic pick (the winner's curse).
     interpolation_grid: tuple[float, ...] = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
-    val_budget: float = 0.5
+    choice_z: float = 1.645  # one-sided 95%
 
     def __post_init__(self):
         if self.part not in PARTS:
             raise ValueError(f"part must be one of {sorted(PARTS)}, got {self.part!r}")
         if not self.interpolation_grid or not all(0 < w <= 1 for w in self.interpolation_grid):
             raise ValueError(f"interpolation_grid must hold weights in (0, 1], got {self.interpolation_grid}")
+        if self.choice_z < 0:
+            raise ValueError(f"choice_z must be >= 0, got {self.choice_z}")
 
     def to_params(self) -> dict:
         return {f"adapt_{k}": v for k, v in asdict(self).items()}
