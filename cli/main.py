@@ -268,7 +268,8 @@ def update(force, task, tracking_uri):
               help="Weight of matching the champion's answers on replayed images (learning without forgetting).")
 @click.option("--interpolation", "interpolation_grid", type=click.FloatRange(0, 1, min_open=True), multiple=True,
               help="Interpolation weights tried between the backbone and its fine-tune (1: the fine-tune; repeat the "
-                   "option); the largest within half the gate's allowed old-domain drop is kept. Default: 1 .85 .7 .55 .4 .25.")
+                   "option); the largest whose old-domain drop is within the gate's allowance with 95% confidence is kept. "
+                   "Default: 1 .85 .7 .55 .4 .25.")
 @click.option("--limit", type=int, default=None, help="Read at most this many training images (for quick tries).")
 @click.option("--force", is_flag=True, help="Adapt even if the champion or challenger came from exactly the stored feedback.")
 @task_option
