@@ -54,7 +54,7 @@ def main() -> None:
     started = time.time()
     model_dir = args.model or DEFAULT_DIR
     meta = shipped_meta(model_dir)
-    prep = Preprocessing(**meta["preprocessing"])
+    prep = Preprocessing.from_dict(meta["preprocessing"])
     original, root = shipped_backbone(model_dir), shipped_head(model_dir)
     files, labels, _, _ = infant_split()  # the feedback half only
     cfg = AdaptConfig()
