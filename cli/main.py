@@ -258,12 +258,13 @@ def update(force, task, tracking_uri):
 @main.command()
 @click.option("--data", "data_path", default=None, help="The champion's training data (replayed, and its validation split "
               "checked by the gate). Default: the path recorded with the champion's backbone.")
-@click.option("--part", type=click.Choice(["embed", "layer4+embed", "all"]), default="layer4+embed",
-              help="What of the backbone learns (with its classifier); chosen by bench/feature_adaptation.py.")
-@click.option("--epochs", type=int, default=8)
-@click.option("--lr", type=float, default=3e-4)
-@click.option("--feedback-weight", type=float, default=3.0, help="A feedback image against a replayed training image.")
-@click.option("--replay", "replay_size", type=int, default=1000, help="Training images replayed beside the feedback.")
+@click.option("--part", type=click.Choice(["embed", "layer4+embed", "all"]), default=None,
+              help="What of the backbone learns (with its classifier). Default (as for every option left out: "
+                   "training/adapt.py AdaptConfig, chosen by bench/feature_adaptation.py): all.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--feedback-weight", type=float, default=None, help="A feedback image against a replayed training image.")
+@click.option("--replay", "replay_size", type=int, default=None, help="Training images replayed beside the feedback.")
 @click.option("--distill", type=click.FloatRange(0), default=None,
               help="Weight of matching the champion's answers on replayed images (learning without forgetting).")
 @click.option("--interpolation", "interpolation_grid", type=click.FloatRange(0, 1, min_open=True), multiple=True,
@@ -296,9 +297,9 @@ def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, in
     prep = reg.load_backbone(champion.backbone_version).preprocessing
     data = load_dataset(data_path, prep.input_size, prep.grayscale, champion.classes, limit=limit)
     stores = Stores.open(get_settings().storage.database_url)
-    cfg = AdaptConfig(part=part, epochs=epochs, lr=lr, feedback_weight=feedback_weight, replay_size=replay_size,
-                      **({"interpolation_grid": tuple(interpolation_grid)} if interpolation_grid else {}),
-                      **({"distill": distill} if distill is not None else {}))
+    given = {"part": part, "epochs": epochs, "lr": lr, "feedback_weight": feedback_weight, "replay_size": replay_size,
+             "distill": distill, "interpolation_grid": tuple(interpolation_grid) or None}
+    cfg = AdaptConfig(**{k: v for k, v in given.items() if v is not None})
     try:
         report = adapt_from_feedback(reg, stores.feedback, get_settings().online, data, cfg, force=force,
                                      say=lambda *a, **k: click.echo(" ".join(map(str, a)), err=True))

@@ -155,6 +155,10 @@ def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(inf
     # the weight served is reported, and is the one tagged on the version
     assert report["interpolation_weight"] in AdaptConfig().interpolation_grid
     assert float(info.tags["interpolation_weight"]) == report["interpolation_weight"]
+    # the options given reach the fine-tune; those left out are AdaptConfig's defaults (one place for them)
+    run = registry.client.search_runs([registry.experiment_id()], "tags.kind = 'feedback_adaptation'")[0]
+    assert run.data.params["adapt_epochs"] == "1" and run.data.params["adapt_replay_size"] == "16"
+    assert run.data.params["adapt_lr"] == str(AdaptConfig().lr) and run.data.params["adapt_feedback_weight"] == str(AdaptConfig().feedback_weight)
 
     # A scheduled run with nothing new returns at once, and says so; --force redoes it.
     again = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16"])
