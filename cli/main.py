@@ -267,6 +267,8 @@ def update(force, task, tracking_uri):
 @click.option("--replay", "replay_size", type=int, default=None, help="Training images replayed beside the feedback.")
 @click.option("--distill", type=click.FloatRange(0), default=None,
               help="Weight of matching the champion's answers on replayed images (learning without forgetting).")
+@click.option("--soup", type=click.IntRange(1), default=None,
+              help="Fine-tunes (seeds seed, seed+1, ...) whose weights are averaged into the one adapted (a model soup).")
 @click.option("--interpolation", "interpolation_grid", type=click.FloatRange(0, 1, min_open=True), multiple=True,
               help="Interpolation weights tried between the backbone and its fine-tune (1: the fine-tune; repeat the "
                    "option); the largest whose old-domain drop is within the gate's allowance with 95% confidence is kept. "
@@ -275,7 +277,8 @@ def update(force, task, tracking_uri):
 @click.option("--force", is_flag=True, help="Adapt even if the champion or challenger came from exactly the stored feedback.")
 @task_option
 @uri_option
-def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, interpolation_grid, limit, force, task, tracking_uri):
+def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, soup, interpolation_grid, limit, force, task,
+          tracking_uri):
     """Fine-tune the champion's backbone on all stored feedback images (with replay of its training
     data), gate it like an online update, register backbone + head, promote if the gate passes."""
     from pathlib import Path
@@ -298,7 +301,7 @@ def adapt(data_path, part, epochs, lr, feedback_weight, replay_size, distill, in
     data = load_dataset(data_path, prep.input_size, prep.grayscale, champion.classes, limit=limit)
     stores = Stores.open(get_settings().storage.database_url)
     given = {"part": part, "epochs": epochs, "lr": lr, "feedback_weight": feedback_weight, "replay_size": replay_size,
-             "distill": distill, "interpolation_grid": tuple(interpolation_grid) or None}
+             "distill": distill, "soup": soup, "interpolation_grid": tuple(interpolation_grid) or None}
     cfg = AdaptConfig(**{k: v for k, v in given.items() if v is not None})
     try:
         report = adapt_from_feedback(reg, stores.feedback, get_settings().online, data, cfg, force=force,

@@ -23,7 +23,7 @@ from registry.store import CHALLENGER, CHAMPION
 from store import Stores
 from testkit.faces import TINY_CLASSES, faces
 from testkit.registry import train_tiny_registry
-from training.adapt import AdaptConfig, classifier_proba, interpolate
+from training.adapt import AdaptConfig, average_weights, classifier_proba, interpolate
 from training.data import load_dataset
 
 QUICK = AdaptConfig(part="all", epochs=2, replay_size=24, batch_size=8)
@@ -41,6 +41,9 @@ def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_s
         half = interpolate(original, tuned, 0.5).state_dict()
         key = "classifier.weight"
         assert torch.allclose(half[key], (original.state_dict()[key] + tuned.state_dict()[key]) / 2)
+        # a soup of two is their midpoint, statistics included
+        soup = average_weights([original, tuned])
+        assert torch.allclose(soup(x), interpolate(original, tuned, 0.5)(x), atol=1e-5)
     assert not torch.equal(original.state_dict()[key], half[key])  # the original is not changed
 
     # An old-domain accuracy that falls as the weight moves toward the fine-tune: of 10,000 faces
@@ -65,6 +68,8 @@ def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_s
         AdaptConfig(choice_z=-1)
     with pytest.raises(ValueError, match="interpolation_grid"):
         AdaptConfig(interpolation_grid=(0.0, 1.0))
+    with pytest.raises(ValueError, match="soup"):
+        AdaptConfig(soup=0)
 
 
 def store_feedback(registry, database_url: str, n_per_class: int, domain: str | None = None):
@@ -146,7 +151,7 @@ def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(inf
     assert result.exit_code != 0 and "at least 20 feedback items" in result.output
 
     store_feedback(registry, settings.storage.database_url, 6)  # now 21
-    result = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16", "--distill", "1"])
+    result = CliRunner().invoke(cli, ["adapt", "--part", "all", "--epochs", "1", "--replay", "16", "--distill", "1", "--soup", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # the progress goes to stderr
     assert report["feedback_items"] == 21 and report["backbone_version"] == "2"
@@ -157,7 +162,7 @@ def test_the_cli_runs_the_adaptation_and_refuses_too_little_feedback_clearly(inf
     assert float(info.tags["interpolation_weight"]) == report["interpolation_weight"]
     # the options given reach the fine-tune; those left out are AdaptConfig's defaults (one place for them)
     run = registry.client.search_runs([registry.experiment_id()], "tags.kind = 'feedback_adaptation'")[0]
-    assert run.data.params["adapt_epochs"] == "1" and run.data.params["adapt_replay_size"] == "16"
+    assert run.data.params["adapt_epochs"] == "1" and run.data.params["adapt_replay_size"] == "16" and run.data.params["adapt_soup"] == "2"
     assert run.data.params["adapt_lr"] == str(AdaptConfig().lr) and run.data.params["adapt_feedback_weight"] == str(AdaptConfig().feedback_weight)
 
     # A scheduled run with nothing new returns at once, and says so; --force redoes it.
