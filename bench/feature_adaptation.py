@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--feedback-weight", type=float, default=3.0)
     ap.add_argument("--replay", type=int, default=1000, help="FER2013 training images replayed by the fine-tunes")
     ap.add_argument("--distill", type=float, default=0.0, help="distillation weight on replayed images (training/adapt.py)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="of the fine-tunes' cross-entropy (training/adapt.py)")
     ap.add_argument("--soup", type=int, default=1, help="fine-tunes averaged into one (training/adapt.py)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
@@ -242,7 +243,8 @@ def main() -> None:
         record("adabn", probs, float(np.mean(vals)), "FER2013 val: mean over the fold models")
 
     fine_tune_args = (f"epochs {args.epochs}, lr {args.lr:g}, weight {args.feedback_weight:g}, replay {args.replay}"
-                      + (f", distill {args.distill:g}" if args.distill else "") + (f", soup {args.soup}" if args.soup > 1 else ""))
+                      + (f", distill {args.distill:g}" if args.distill else "") + (f", soup {args.soup}" if args.soup > 1 else "")
+                      + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""))
     defaults = "epochs 8, lr 0.0003, weight 3, replay 1000"  # the rows of other arguments are named with theirs
     for part in PARTS:
         name = f"tune_{part}" + ("" if defaults == fine_tune_args else f" [{fine_tune_args}]")
@@ -250,7 +252,7 @@ def main() -> None:
             continue
         probs, blend, vals, blend_vals, logit_probs, logit_vals, logit_val_probs, head_val_probs = ([] for _ in range(8))
         cfg = AdaptConfig(part=part, epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight, replay_size=args.replay,
-                          distill=args.distill, soup=args.soup)
+                          distill=args.distill, soup=args.soup, label_smoothing=args.label_smoothing)
         interpolated = {w: ([], []) for w in cfg.interpolation_grid if w < 1}  # weight -> (fold probs, fold val accuracies)
         for k, (tr, held) in enumerate(folds):
             tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
