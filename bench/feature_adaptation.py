@@ -242,6 +242,11 @@ def main() -> None:
             vals.append(float(np.mean(head.predict(embed_images(adapted, val.x, prep)) == val.y)))
         record("adabn", probs, float(np.mean(vals)), "FER2013 val: mean over the fold models")
 
+    def adapt_config(part: str) -> AdaptConfig:
+        """The fine-tune every variant below runs, of ``part``, with the command line's arguments."""
+        return AdaptConfig(part=part, epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight, replay_size=args.replay,
+                           distill=args.distill, soup=args.soup, label_smoothing=args.label_smoothing)
+
     fine_tune_args = (f"epochs {args.epochs}, lr {args.lr:g}, weight {args.feedback_weight:g}, replay {args.replay}"
                       + (f", distill {args.distill:g}" if args.distill else "") + (f", soup {args.soup}" if args.soup > 1 else "")
                       + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""))
@@ -251,8 +256,7 @@ def main() -> None:
         if not wanted(f"tune_{part}"):
             continue
         probs, blend, vals, blend_vals, logit_probs, logit_vals, logit_val_probs, head_val_probs = ([] for _ in range(8))
-        cfg = AdaptConfig(part=part, epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight, replay_size=args.replay,
-                          distill=args.distill, soup=args.soup, label_smoothing=args.label_smoothing)
+        cfg = adapt_config(part)
         interpolated = {w: ([], []) for w in cfg.interpolation_grid if w < 1}  # weight -> (fold probs, fold val accuracies)
         for k, (tr, held) in enumerate(folds):
             tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
@@ -288,8 +292,7 @@ def main() -> None:
         # that name the feedback's domain ("known domain"; FER2013 requests name none, so are unchanged);
         # and, the rejected alternative, weighted per request by a logistic regression's odds that its
         # embedding is from the feedback's domain rather than FER2013 ("learned domain").
-        cfg = AdaptConfig(part="layer4+embed", epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight,
-                          replay_size=args.replay, distill=args.distill)
+        cfg = adapt_config("layer4+embed")
 
         def learned_domain(p, e, e_tr, y_tr, e_rep):
             ratio = DomainPriors(train_prior, min_items=1).fit(y_tr, "feedback").ratios_["feedback"]
@@ -330,8 +333,7 @@ def main() -> None:
         # out-of-fold already; the adapted backbone (interpolated at the weight `infantino adapt` chose
         # on the shipped model, 0.55): an inner 4-fold cross-fit of fine-tunes within each fold.
         # Applied only to requests naming the domain: FER2013 accuracy is the classifier's own.
-        cfg = AdaptConfig(part="layer4+embed", epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight,
-                          replay_size=args.replay, distill=args.distill)
+        cfg = adapt_config("layer4+embed")
         as_is_train = [root.predict_proba(emb[tr]) for tr, _ in folds]
         stems = {"as_is": (as_is_probs, as_is_train, rows["as_is"]["fer2013_val_accuracy"])}
         if wanted("domain_bias_tuned"):
@@ -365,8 +367,7 @@ def main() -> None:
         # answer a held-out item by class prototype (cosine to each class's mean) or by its nearest
         # neighbours; blended with the classifier's probabilities. Applied, like the domain prior, only
         # to requests naming the feedback's domain, so FER2013 accuracy is the classifier's own.
-        cfg = AdaptConfig(part="layer4+embed", epochs=args.epochs, lr=args.lr, feedback_weight=args.feedback_weight,
-                          replay_size=args.replay, distill=args.distill)
+        cfg = adapt_config("layer4+embed")
         stems = {"as_is": [(emb[tr], emb[held], root.predict_proba(emb[held])) for tr, held in folds]}
         stem_vals = {"as_is": rows["as_is"]["fer2013_val_accuracy"]}
         if wanted("memory_tuned"):
