@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.0, help="distillation weight on replayed images (training/adapt.py)")
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="of the fine-tunes' cross-entropy (training/adapt.py)")
     ap.add_argument("--soup", type=int, default=1, help="fine-tunes averaged into one (training/adapt.py)")
+    ap.add_argument("--replay-balanced", action="store_true", help="replay as many images of each class (default: as drawn)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
     ap.add_argument("--model", type=Path, help="a model folder in the shipped format (default: the shipped model)")
@@ -170,6 +171,10 @@ def main() -> None:
     fer = load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES)
     fer_train, fer_val = stratified_split(fer, 0.1, 0)
     replay = fer_train.subset(np.random.default_rng(1).permutation(len(fer_train))[: args.replay])
+    if args.replay_balanced:
+        order = np.random.default_rng(1).permutation(len(fer_train))
+        per_class = args.replay // len(FER_CLASSES)
+        replay = fer_train.subset(np.concatenate([order[fer_train.y[order] == c][:per_class] for c in range(len(FER_CLASSES))]))
     val = fer_val.subset(np.random.default_rng(2).permutation(len(fer_val))[:1200])  # a fixed sample: enough to see 1 point
     root = getattr(measured.model, "base_", measured.model)
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(x, y))
@@ -249,7 +254,8 @@ def main() -> None:
 
     fine_tune_args = (f"epochs {args.epochs}, lr {args.lr:g}, weight {args.feedback_weight:g}, replay {args.replay}"
                       + (f", distill {args.distill:g}" if args.distill else "") + (f", soup {args.soup}" if args.soup > 1 else "")
-                      + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""))
+                      + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else "")
+                      + (", replay balanced" if args.replay_balanced else ""))
     defaults = "epochs 8, lr 0.0003, weight 3, replay 1000"  # the rows of other arguments are named with theirs
     for part in PARTS:
         name = f"tune_{part}" + ("" if defaults == fine_tune_args else f" [{fine_tune_args}]")
@@ -426,7 +432,7 @@ def plot(rows: dict, path: Path) -> None:
             name = name.replace(long, brief)
         return name
 
-    fig, ax = plt.subplots(figsize=(11, 7))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(17, 7.5), gridspec_kw={"width_ratios": [3, 2]})
     ax.axvspan(-1, 10, color="tab:green", alpha=0.07, label="FER2013 within the gate's 1 point")
     ax.axhline(8, color="tab:red", ls=":", label="issue 11's goal: +8 points")
     chains: dict[str, list] = {}
@@ -452,9 +458,34 @@ def plot(rows: dict, path: Path) -> None:
     ax.set_title("What must adapt? Head-level variants (grey), fine-tuned backbone parts (blue)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    best_within_budget(bars, chains, {stem: point(rows[f"{stem} (training classifier)"]) for stem in chains
+                                      if f"{stem} (training classifier)" in rows}, short)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def best_within_budget(ax, chains: dict, starts: dict, short) -> None:
+    """Per fine-tune setting, the most infant gain among its interpolation weights (1 included) whose
+    FER2013 change stays within 0.5 and within 1 point: the comparison the plot's cloud hides. 0.5,
+    because the service's choice of weight needs the drop within 1 point with 95% confidence, and
+    every weight it served so far measured a drop near 0.5 or less (adaptation/backbone.py)."""
+    budgets = (0.5, 1.0)
+    best = {}
+    for stem, chain in chains.items():
+        points = [(dx, dy) for _, dx, dy in chain] + ([starts[stem]] if stem in starts else [])
+        best[stem] = [max([dy for dx, dy in points if dx >= -b], default=0.0) for b in budgets]
+    order = sorted(best, key=lambda stem: best[stem])
+    ys = np.arange(len(order))
+    for i, (b, colour) in enumerate(zip(budgets, ("tab:blue", "tab:cyan"))):
+        ax.barh(ys + (0.2 if i == 0 else -0.2), [best[stem][i] for stem in order], height=0.4, color=colour,
+                label=f"FER2013 cost at most {b:g} point")
+    ax.axvline(8, color="tab:red", ls=":", label="issue 11's goal: +8 points")
+    ax.set_yticks(ys, [short(stem) for stem in order], fontsize=6.5)
+    ax.set_xlabel("best infant gain within the FER2013 cost (points; any weight)")
+    ax.set_title("Every fine-tune setting, at the FER2013 cost the gate allows", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
 
 
 if __name__ == "__main__":
