@@ -120,8 +120,9 @@ def test_feedback_naming_a_domain_moves_only_that_domains_answers(tmp_path):
     np.testing.assert_allclose(head.predict_proba(new_x, "nicu"), before)  # a domain it was not taught: unchanged
     assert np.mean(shifted.argmax(1) == 0) > np.mean(before.argmax(1) == 0) + 0.05 and np.allclose(shifted.sum(1), 1)
     per_row = head.predict_proba(new_x[:4], ["infant", None, "infant", None])
-    np.testing.assert_allclose(per_row[1::2], before[1:4:2])
-    np.testing.assert_allclose(per_row[::2], shifted[:4:2])
+    # A 4-row batch and a 60-row one may round differently in float32 (BLAS blocks by batch size).
+    np.testing.assert_allclose(per_row[1::2], before[1:4:2], atol=1e-6)
+    np.testing.assert_allclose(per_row[::2], shifted[:4:2], atol=1e-6)
     skops.io.dump(head, tmp_path / "head.skops")
     loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
     np.testing.assert_allclose(loaded.predict_proba(new_x, "infant"), shifted)
@@ -150,7 +151,7 @@ def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domai
     assert np.allclose(recalled.sum(1), 1)
     assert np.mean(recalled.argmax(1) == new_y[1::2]) > np.mean(base[1::2].argmax(1) == new_y[1::2]) + 0.2
     per_row = head.predict_proba(new_x[:4], ["infant", None, "infant", None])
-    np.testing.assert_allclose(per_row[1::2], base[1:4:2])
+    np.testing.assert_allclose(per_row[1::2], base[1:4:2], atol=1e-6)  # float32: batch sizes round differently
     np.testing.assert_allclose(per_row[::2], head.predict_proba(new_x[:4:2], "infant"), atol=1e-6)
     # Taught online, the memory is every item of the domain so far; it round-trips with the head.
     head.partial_fit(new_x[:20], new_y[:20], domains="infant").partial_fit(new_x[20:40], new_y[20:40], domains="infant")
