@@ -170,11 +170,10 @@ def main() -> None:
     x = crops(files, prep)
     fer = load_dataset(DATA / "fer2013_train.npz", prep.input_size, prep.grayscale, FER_CLASSES)
     fer_train, fer_val = stratified_split(fer, 0.1, 0)
-    replay = fer_train.subset(np.random.default_rng(1).permutation(len(fer_train))[: args.replay])
-    if args.replay_balanced:
-        order = np.random.default_rng(1).permutation(len(fer_train))
-        per_class = args.replay // len(FER_CLASSES)
-        replay = fer_train.subset(np.concatenate([order[fer_train.y[order] == c][:per_class] for c in range(len(FER_CLASSES))]))
+    order = np.random.default_rng(1).permutation(len(fer_train))
+    if args.replay_balanced:  # the first replay/7 drawn of each class
+        order = np.concatenate([order[fer_train.y[order] == c][: args.replay // len(FER_CLASSES)] for c in range(len(FER_CLASSES))])
+    replay = fer_train.subset(order[: args.replay])
     val = fer_val.subset(np.random.default_rng(2).permutation(len(fer_val))[:1200])  # a fixed sample: enough to see 1 point
     root = getattr(measured.model, "base_", measured.model)
     folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(x, y))
