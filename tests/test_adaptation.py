@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,13 +18,19 @@ from adaptation.backbone import (
 from backbones.inference import embed_images
 from backbones.model import create_backbone
 from cli.main import main as cli
-from infantino.images import open_image, to_model_array
+from infantino.images import Preprocessing, open_image, to_model_array
 from infantino.settings import Settings
 from registry.store import CHALLENGER, CHAMPION
 from store import Stores
 from testkit.faces import TINY_CLASSES, faces
 from testkit.registry import train_tiny_registry
-from training.adapt import AdaptConfig, average_weights, classifier_proba, interpolate
+from training.adapt import (
+    AdaptConfig,
+    average_weights,
+    classifier_proba,
+    fine_tune,
+    interpolate,
+)
 from training.data import load_dataset
 
 QUICK = AdaptConfig(part="all", epochs=2, replay_size=24, batch_size=8)
@@ -70,6 +77,21 @@ def test_interpolation_runs_from_the_original_to_the_fine_tune_and_the_largest_s
         AdaptConfig(interpolation_grid=(0.0, 1.0))
     with pytest.raises(ValueError, match="soup"):
         AdaptConfig(soup=0)
+
+
+def test_the_fine_tune_moves_batchnorm_statistics_unless_they_are_kept_as_trained():
+    torch.manual_seed(0)
+    model, prep = create_backbone("resnet10t", n_classes=3), Preprocessing(input_size=32)
+    rng = np.random.default_rng(0)
+    x, replay_x = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (8, 8))
+    y, replay_y = rng.integers(0, 3, 8), rng.integers(0, 3, 8)
+    stats = lambda m: torch.cat([b for name, b in m.state_dict().items() if name.endswith("running_mean")])
+    weights = lambda m: torch.cat([p.flatten() for name, p in m.state_dict().items() if name.endswith("conv1.weight")])
+    cfg = AdaptConfig(part="all", epochs=2, lr=1e-2, batch_size=8)
+    moved, kept = (fine_tune(model, x, y, replay_x, replay_y, prep, replace(cfg, freeze_norm_stats=f)) for f in (False, True))
+    assert not torch.allclose(stats(moved), stats(model))
+    assert torch.equal(stats(kept), stats(model))
+    assert not torch.allclose(weights(kept), weights(model))  # the weights learn either way
 
 
 def store_feedback(registry, database_url: str, n_per_class: int, domain: str | None = None):
