@@ -93,8 +93,8 @@ def fine_tune(model: EmbeddingNet, x: np.ndarray, y: np.ndarray, replay_x: np.nd
     ``x``/``y``: the new-domain images (uint8 N x S x S x 3, at the model's input size) and
     labels; ``replay_*``: training images that keep the old domain. Only ``cfg.part`` (and the
     training classifier) learns; BatchNorm statistics outside it (with ``cfg.freeze_norm_stats``,
-    everywhere) stay as trained. With ``cfg.soup``
-    above 1, the average of that many fine-tunes' weights.
+    everywhere) stay as trained. With ``cfg.soup`` above 1, the average of that many fine-tunes'
+    weights.
     """
     if cfg.soup > 1:
         runs = [fine_tune(model, x, y, replay_x, replay_y, prep, replace(cfg, seed=cfg.seed + i, soup=1)) for i in range(cfg.soup)]
