@@ -213,7 +213,8 @@ def main() -> None:
 
     def record(name: str, fold_probs: list[np.ndarray], val_acc: float, note: str = "") -> None:
         cv = float(np.mean([np.mean(p.argmax(1) == y[held]) for p, (_, held) in zip(fold_probs, folds)]))
-        rows[name] = {"cv_accuracy": cv, "fer2013_val_accuracy": val_acc, "note": note}
+        rows[name] = {"cv_accuracy": cv, "fer2013_val_accuracy": val_acc, "note": note,
+                      "photos_taught": float(np.mean([len(tr) for tr, _ in folds]))}  # a fold's feedback, on average
         base = rows.get("as_is", rows[name])
         print(f"{name:>28}: CV {cv:.3f} ({100 * (cv - base['cv_accuracy']):+.1f} pts), FER2013 val {val_acc:.3f} "
               f"({100 * (val_acc - base['fer2013_val_accuracy']):+.1f}) [{time.time() - started:.0f} s]", flush=True)
@@ -482,22 +483,21 @@ def plot(rows: dict, path: Path) -> None:
 
 
 # A row taught only part of each fold's feedback (--feedback-fraction): a point of the learning curve.
-FRACTION = re.compile(r", feedback fraction ([\d.]+)\]")
-CURVE_SETTING = "tune_all [epochs 8, lr 0.0001, weight 1, replay 1000"  # infantino adapt's defaults
+FRACTION_ARG = r", feedback fraction [\d.]+"
+FRACTION = re.compile(FRACTION_ARG + r"\]")
+# infantino adapt's defaults, taught all of each fold's feedback or a share of it
+CURVE_ROW = re.escape("tune_all [epochs 8, lr 0.0001, weight 1, replay 1000") + f"(?:{FRACTION_ARG})?" + r"\] "
 CURVE_WEIGHTS = {"(training classifier)": "fine-tuned weights", "(training classifier, interpolated 0.7)": "interpolated 0.7"}
 
 
 def learning_curve(ax, rows: dict, curve_rows: dict, base: dict) -> None:
     """Infant gain of infantino adapt's default fine-tune against the feedback photos each fold was
-    taught (a share of its three folds' photos), uninterpolated and at weight 0.7. No line is fitted
-    through it to extrapolate: measured on 2026-12-05 it rose to ~116 photos and then stayed level,
-    and a fit in log(photos) through all five points would promise +8 at ~250 that the flat end
-    does not support."""
-    taught = 233 * 3 / 4  # photos a fold is taught: three of the feedback half's four folds
+    taught (each row's ``photos_taught``), uninterpolated and at weight 0.7. No line is fitted through
+    it to extrapolate: measured on 2026-12-05 it rose to ~116 photos and then stayed level, and a fit
+    in log(photos) through all five points would promise +8 at ~250 that the flat end does not support."""
     for (suffix, label), colour in zip(CURVE_WEIGHTS.items(), ("tab:blue", "tab:orange")):
-        points = [(taught, rows[f"{CURVE_SETTING}] {suffix}"])] if f"{CURVE_SETTING}] {suffix}" in rows else []
-        points += [(float(m.group(1)) * taught, row) for name, row in curve_rows.items()
-                   if name.startswith(CURVE_SETTING) and name.endswith(suffix) and (m := FRACTION.search(name))]
+        points = [(row["photos_taught"], row) for name, row in {**rows, **curve_rows}.items()
+                  if re.fullmatch(CURVE_ROW + re.escape(suffix), name)]
         if not points:
             continue
         points.sort(key=lambda p: p[0])
