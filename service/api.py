@@ -41,7 +41,7 @@ from service.backbone import BackboneService, unpack_embeddings
 from service.embedding import InlineBackbones, MicroBatcher, placement
 from service.errors import ApiError, answers_errors, dependency_error, registry_unavailable
 from service.health import ModelHealth
-from service.heap import freeze_long_lived, heap_report, watch_pauses
+from service.heap import GcPauses, freeze_long_lived, heap_report
 from service.inputs import Uploads
 from service.middleware import RequestGuard
 from service.models import ChampionFollower
@@ -134,7 +134,8 @@ class InfantinO:
         for part in self.background:
             part.start()
         freeze_long_lived()  # the modules and models loaded so far: no full GC pass walks them again
-        watch_pauses(lambda generation, seconds: metrics.GC_PAUSE.labels(generation=str(generation)).observe(seconds))
+        # The collector's pauses from here on (the one above is start-up's).
+        self.background.append(GcPauses(lambda generation, seconds: metrics.GC_PAUSE.labels(generation=str(generation)).observe(seconds)).start())
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import deque
 from collections.abc import Callable
+
+from infantino.periodic import Periodic
+
+MAX_UNREPORTED = 10_000  # pauses kept between two reports (the oldest are dropped past it)
 
 
 def freeze_long_lived() -> None:
@@ -27,18 +32,47 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
-def watch_pauses(observe: Callable[[int, float], None], min_generation: int = 1) -> None:
-    """Call ``observe(generation, seconds)`` after each collection of ``min_generation`` or older
-    (the young generation's sub-millisecond passes are not worth a call each)."""
-    started: list[float] = [0.0]
+class GcPauses:
+    """Collector pauses of generation ``min_generation`` or older, handed to ``observe(generation, seconds)``
+    by a thread of its own (``start()`` / ``stop()``), never by the collector's callback.
 
-    def callback(phase: str, info: dict) -> None:
+    Why not observe in the callback: a collection runs inside whatever allocation triggered it,
+    and so may its callback. prometheus_client's multiprocess values share one non-reentrant lock
+    per process, and allocate while holding it (a new label's value, its file); a collection
+    triggered there whose callback observed a metric would wait for that lock forever, and with
+    it every request of the worker (seen as a freshly started worker that answered nothing: the
+    first requests create labels). So the callback only appends to a deque (atomic, no lock);
+    the thread empties it every ``interval_s``. The young generation's sub-millisecond passes
+    are not worth an observation each.
+    """
+
+    def __init__(self, observe: Callable[[int, float], None], min_generation: int = 1, interval_s: float = 1.0):
+        self.observe, self.min_generation = observe, min_generation
+        self._seen: deque[tuple[int, float]] = deque(maxlen=MAX_UNREPORTED)
+        self._started_at = 0.0
+        self._reporter = Periodic(self.report, interval_s, "gc-pauses")
+
+    def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
-        elif info["generation"] >= min_generation:
-            observe(info["generation"], time.perf_counter() - started[0])
+            self._started_at = time.perf_counter()
+        elif info["generation"] >= self.min_generation:
+            self._seen.append((info["generation"], time.perf_counter() - self._started_at))
 
-    gc.callbacks.append(callback)
+    def report(self) -> None:
+        """Observe the pauses seen since the last report."""
+        while self._seen:
+            self.observe(*self._seen.popleft())
+
+    def start(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        self._reporter.start()
+        return self
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+        self._reporter.stop()
+        self.report()
 
 
 def heap_report() -> dict:
