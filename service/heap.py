@@ -59,8 +59,8 @@ class GcPauses:
             self._seen.append((info["generation"], time.perf_counter() - self._started_at))
 
     def report(self) -> None:
-        """Observe the pauses seen since the last report."""
-        while self._seen:
+        """Observe the pauses seen since the last report (those an observation itself causes wait for the next)."""
+        for _ in range(len(self._seen)):
             self.observe(*self._seen.popleft())
 
     def start(self) -> GcPauses:
