@@ -24,10 +24,11 @@ def observe(generation, seconds):
     observed.append(generation)
 
 watcher = GcPauses(observe, interval_s=0.05).start()
+thresholds = gc.get_threshold()
 gc.set_threshold(1, 1, 1)
 for i in range(2000):
     labelled.labels(n=str(i)).inc()
-gc.set_threshold(700, 10, 10)
+gc.set_threshold(*thresholds)
 watcher.stop()
 print(len(observed), min(observed))
 """
