@@ -38,7 +38,7 @@ from infantino.embeddings import EmbeddingSet
 from infantino.images import open_image, to_model_array
 from infantino.settings import OnlineSettings
 from online.gate import evaluate_gate
-from online.updater import fold_of
+from online.updater import crossfit_taught, fold_of
 from registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from store import FeedbackStore
 from training.adapt import (
@@ -122,9 +122,11 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     replay = train.subset(np.random.default_rng(seed).permutation(len(train))[: cfg.replay_size])
 
     # The reference: the lineage's offline-trained head on the champion's backbone, as the updater's gate.
-    root = registry.load_head(champion.tags.get("lineage_root") or champion.version).model
+    root_version = champion.tags.get("lineage_root") or champion.version
+    root = registry.load_head(root_version).model
     original = backbone.model
-    root_proba = root.predict_proba(embed_images(original, x, prep))
+    original_embeddings = EmbeddingSet(embed_images(original, x, prep), y)
+    root_proba = root.predict_proba(original_embeddings.x)
 
     def val_right(model, data: LabelledImages, head=None) -> np.ndarray:
         """Which of ``data``'s faces the model gets right (its training classifier unless ``head``)."""
@@ -152,12 +154,16 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
             crossfit[~rest] = DomainPriors(training_prior).fit(y[rest], list(named[rest])).adjust(crossfit[~rest], list(named[~rest]))
         if settings.update_domain_memory:  # as the served head answers: the fold's own feedback remembered
             fold_emb = embed_images(fold_model, x, prep)
-            crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory).fit(
+            crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory, kind=settings.update_domain_memory_kind).fit(
                 fold_emb[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
+    # A champion that learned these items online (its domain classifier, heads/domain.py) must not be
+    # replaced by a pair that answers them worse: its own learning, cross-fitted alike, is the bar too.
+    champion_proba = (crossfit_taught(root, original_embeddings, domains, [i.id for i in items], settings, training_prior)
+                      if champion.version != root_version else None)
     s = settings
     verdict = evaluate_gate(float(val_right(original, gate_val, root).mean()), float(val_right(tuned, gate_val).mean()), candidate_proba=crossfit,
                             root_proba=root_proba, labels=y, max_val_drop=s.gate_max_val_drop, alpha=s.gate_alpha,
-                            min_items=s.gate_min_items, worse_alpha=s.gate_worse_alpha)
+                            min_items=s.gate_min_items, worse_alpha=s.gate_worse_alpha, champion_proba=champion_proba)
     say(f"gate: {verdict.summary}", flush=True)
     val_emb = embed_images(tuned, val.x, prep)
     val_candidate = float(np.mean(classifier_proba(tuned, val_emb).argmax(1) == val.y))  # the whole split, as training reports it

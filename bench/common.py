@@ -30,6 +30,7 @@ RESULTS = BENCH / "results"
 # <project root>/../shared/data
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+DOMAIN = "infant"  # the domain every infant request and feedback item names (heads/domain.py)
 
 
 def infant_files(root: Path | str = DATA / "infant_faces") -> tuple[list[Path], np.ndarray]:

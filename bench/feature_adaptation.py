@@ -29,10 +29,11 @@ Variants:
 - +domain_bias L: per-class logit offsets fitted (L2 weight L) on out-of-fold probabilities of the
   fold's feedback, for requests naming its domain (`--only domain_bias`, `domain_bias_tuned` for the
   adapted backbone with an inner cross-fit);
-- +memory_prototype / +memory_knn W: the fold's feedback embeddings remembered, answering held-out
-  items by class prototype (the service's INFANTINO_UPDATE_DOMAIN_MEMORY, heads/domain.py) or by
-  their 10 nearest neighbours, blended in with weight W (`--only memory`, and `memory_tuned` for
-  the fine-tuned backbones).
+- +memory_logistic / +memory_prototype / +memory_knn W: the fold's feedback embeddings remembered,
+  answering held-out items by a logistic regression fitted on them alone (the service's
+  INFANTINO_UPDATE_DOMAIN_MEMORY with _KIND=logistic, heads/domain.py), by class prototype (_KIND=
+  prototype) or by their 10 nearest neighbours, blended in with weight W (`--only memory`, and
+  `memory_tuned` for infantino adapt's fine-tune: run it with `--lr 1e-4 --feedback-weight 1`).
 With ``--feedback-fraction F`` (tune_* rows only) each fold is taught a stratified share F of its
 feedback and scored on the same held-out fold: points of a learning curve, drawn in the plot's
 third panel for infantino adapt's default fine-tune (how much more feedback would buy).
@@ -61,6 +62,7 @@ from tqdm.auto import tqdm
 from backbones.inference import embed_images
 from bench.common import (
     DATA,
+    DOMAIN,
     FER_CLASSES,
     RESULTS,
     bootstrap_home,
@@ -68,7 +70,7 @@ from bench.common import (
     write_result,
 )
 from heads import configure_online
-from heads.domain import DomainPriors, prototype_proba, unit_rows
+from heads.domain import DomainMemory, DomainPriors, prototype_proba, unit_rows
 from infantino.faces import create_detector
 from infantino.images import normalise, open_image
 from infantino.regions import find_regions
@@ -386,31 +388,36 @@ def main() -> None:
     if wanted("memory"):
         # A memory of the feedback's embeddings beside the classifier (issue 11: "a memory of feedback
         # embeddings blended with the head"): each fold's taught items, embedded by the fold's model,
-        # answer a held-out item by class prototype (cosine to each class's mean) or by its nearest
+        # answer a held-out item by a logistic regression of their own (the service's default,
+        # heads/domain.py), by class prototype (cosine to each class's mean) or by their nearest
         # neighbours; blended with the classifier's probabilities. Applied, like the domain prior, only
         # to requests naming the feedback's domain, so FER2013 accuracy is the classifier's own.
-        cfg = adapt_config("layer4+embed")
+        cfg = adapt_config("all")  # infantino adapt's fine-tune (with --lr 1e-4 --feedback-weight 1, its defaults)
+        tuned_stem = lambda w: f"tune_all [{fine_tune_args}] (training classifier{f', interpolated {w:g}' if w < 1 else ''})"
         stems = {"as_is": [(emb[tr], emb[held], root.predict_proba(emb[held])) for tr, held in folds]}
         stem_vals = {"as_is": rows["as_is"]["fer2013_val_accuracy"]}
         if wanted("memory_tuned"):
             for w in (0.7, 1.0):
-                stems[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"] = []
+                stems[tuned_stem(w)] = []
             vals_by_w = {0.7: [], 1.0: []}
             for tr, held in folds:
                 tuned = fine_tune(model, x[tr], y[tr], replay.x, replay.y, prep, cfg)
                 for w in (0.7, 1.0):
                     m = interpolate(model, tuned, w)
                     e_tr, e_held = embed_images(m, x[tr], prep), embed_images(m, x[held], prep)
-                    stems[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"].append(
-                        (e_tr, e_held, classifier_proba(m, e_held)))
+                    stems[tuned_stem(w)].append((e_tr, e_held, classifier_proba(m, e_held)))
                     vals_by_w[w].append(float(np.mean(classifier_proba(m, embed_images(m, val.x, prep)).argmax(1) == val.y)))
             for w, v in vals_by_w.items():
-                stem_vals[f"tune_layer4+embed (training classifier{f', interpolated {w:g}' if w < 1 else ''})"] = float(np.mean(v))
+                stem_vals[tuned_stem(w)] = float(np.mean(v))
         for stem, parts in stems.items():
-            for kind in ("prototype", "knn"):
-                for beta in (0.25, 0.5):
-                    fold_probs = [(1 - beta) * p + beta * memory_proba(e_tr, y[tr], e_held, kind, len(FER_CLASSES))
-                                  for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
+            for kind, betas in (("logistic", (0.5, 0.7, 1.0)), ("prototype", (0.25, 0.5)), ("knn", (0.25, 0.5))):
+                for beta in betas:
+                    if kind == "logistic":  # the service's own memory, fitted on the fold's feedback
+                        fold_probs = [DomainMemory(weight=beta).fit(e_tr, y[tr], DOMAIN).blend(p, e_held, DOMAIN)
+                                      for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
+                    else:
+                        fold_probs = [(1 - beta) * p + beta * memory_proba(e_tr, y[tr], e_held, kind, len(FER_CLASSES))
+                                      for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
                     record(f"{stem}+memory_{kind} {beta:g}", fold_probs, stem_vals[stem], "FER2013 requests name no domain: unchanged")
 
     # --only runs add to (or replace) the rows of earlier runs, each row with the arguments it ran with.

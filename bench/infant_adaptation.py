@@ -48,6 +48,7 @@ from backbones.inference import embed_images
 from bench.common import (
     BENCH,
     DATA,
+    DOMAIN,
     FER_CLASSES,
     RESULTS,
     bootstrap_home,
@@ -89,9 +90,6 @@ def paired_gain(before: np.ndarray, after: np.ndarray, y: np.ndarray, resamples:
     won, lost = int(np.sum(gained > 0)), int(np.sum(gained < 0))
     return {"points": 100 * float(gained.mean()), "ci95_points": [100 * float(q) for q in np.percentile(boots, [2.5, 97.5])],
             "won": won, "lost": lost, "mcnemar_p": float(binomtest(won, won + lost, 0.5).pvalue) if won + lost else 1.0}
-
-
-DOMAIN = "infant"  # what every infant request and feedback item names as its domain
 
 
 def http_predictions(client: httpx.Client, files: list[Path], faces: bool, domain: str | None = DOMAIN) -> tuple[np.ndarray, int]:

@@ -49,7 +49,8 @@ DEFAULT_HEAD = "feedback"
 # Which online setting (infantino.settings.OnlineSettings) sets which parameter of each head type.
 ONLINE_PARAMS: dict[type, dict[str, str]] = {
     FeedbackHead: {"feedback_weight": "update_feedback_weight", "domain_priors": "update_domain_priors",
-                   "domain_memory": "update_domain_memory", "replay_targets": "update_replay_targets"},
+                   "domain_memory": "update_domain_memory", "domain_memory_kind": "update_domain_memory_kind",
+                   "replay_targets": "update_replay_targets"},
     MLPHead: {"online_learning_rate": "update_learning_rate", "online_passes": "update_passes"},
 }
 

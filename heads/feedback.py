@@ -8,8 +8,9 @@ the replay sample; once it has seen feedback, the adapter answers.
 Feedback may name the domain it came from (``domains``, e.g. "infant"): the head then also learns
 that domain's class mix against the training data's (heads/domain.py), and moves answers to
 requests naming that domain toward it; requests naming none are answered as before.
-With ``domain_memory`` > 0 it also keeps each named domain's feedback embeddings as class
-prototypes, blended with that weight into the answers to requests naming the domain (heads/domain.py).
+With ``domain_memory`` > 0 (the default, 0.7) it also keeps each named domain's feedback embeddings,
+and a classifier of that domain's own fitted on them answers requests naming the domain, blended in
+with that weight (heads/domain.py): the part of the online loop that moves a new domain's accuracy.
 A backbone adaptation's head (adaptation/backbone.py) learns only the domains' mixes and memory
 (``learn_domains``): its backbone learned the feedback itself.
 
@@ -39,12 +40,13 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
                      "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
     # Heads registered before these existed load without them, and behave as they did then.
     domain_priors, training_prior, training_prior_, domain_priors_ = False, None, None, None
-    domain_memory, domain_memory_ = 0.0, None
+    domain_memory, domain_memory_, domain_memory_kind = 0.0, None, "prototype"
     replay_targets = "labels"
 
     def __init__(self, base: MLPHead | None = None, feedback_weight: float = 5.0, replay_size: int = 2000, C: float = 1.0,
                  random_state: int = 0, domain_priors: bool = False,
-                 training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0, replay_targets: str = "labels"):
+                 training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0, replay_targets: str = "labels",
+                 domain_memory_kind: str = "logistic"):
         self.base = base
         self.feedback_weight = feedback_weight
         self.replay_size = replay_size
@@ -52,7 +54,8 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.domain_priors = domain_priors
         self.training_prior = training_prior  # class shares of the training data (None: fit's labels, else the replay's)
-        self.domain_memory = domain_memory  # the weight of each named domain's prototypes in its answers (0: off)
+        self.domain_memory = domain_memory  # the weight of each named domain's memory in its answers (0: off)
+        self.domain_memory_kind = domain_memory_kind  # how the memory answers: "logistic" or "prototype" (heads/domain.py)
         # What the adapter learns on the replay sample: "labels", or "base": the base head's answers
         # (soft targets, as each item once per class weighted by the base's probability), so that with
         # no feedback the adapter answers as the base does on the training data.
@@ -126,7 +129,8 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         if self.domain_priors and any(named):
             self.domain_priors_ = DomainPriors(self._training_prior()).fit(np.searchsorted(self.classes_, y), named)
         if self.domain_memory and X is not None and any(named):
-            self.domain_memory_ = DomainMemory(weight=self.domain_memory).fit(X, np.searchsorted(self.classes_, y), named)
+            self.domain_memory_ = DomainMemory(weight=self.domain_memory, kind=self.domain_memory_kind).fit(
+                X, np.searchsorted(self.classes_, y), named)
         return self
 
     def _training_prior(self) -> np.ndarray:

@@ -83,6 +83,27 @@ def fold_of(item_id: str, folds: int) -> int:
     return int(item_id[:8], 16) % folds
 
 
+def taught_head(root, data: EmbeddingSet, domains: list[str | None], settings, training_prior: np.ndarray | None = None):
+    """The root head taught ``data``, from ``domains``, with the deployment's online ``settings`` (the root itself is never changed)."""
+    head = configure_online(copy.deepcopy(root), settings, training_prior)
+    return teach(head, data.x, data.y, domains) if len(data) else head
+
+
+def crossfit_taught(root, data: EmbeddingSet, domains: list[str | None], ids: list[str], settings,
+                    training_prior: np.ndarray | None = None) -> np.ndarray:
+    """Each item's probabilities (for its domain) by the root taught every *other* fold: evidence no model
+    saw. What the online updater's candidates are judged on, and what a backbone adaptation must not
+    answer worse than (adaptation/backbone.py)."""
+    folds = np.array([fold_of(i, settings.gate_folds) for i in ids], dtype=int)
+    named = np.array(domains, dtype=object)
+    out = np.zeros((len(data), len(root.classes_)))
+    for k in np.unique(folds):
+        rest = folds != k
+        head = taught_head(root, EmbeddingSet(data.x[rest], data.y[rest]), list(named[rest]), settings, training_prior)
+        out[~rest] = predict_proba(head, data.x[~rest], list(named[~rest]))
+    return out
+
+
 def accuracy(head, data: EmbeddingSet) -> float:
     return float(np.mean(head.predict(data.x) == data.y)) if len(data) else float("nan")
 
@@ -102,7 +123,6 @@ class Updater:
         self.loop = Periodic(self.run_once, min(5.0, settings.update_interval_s), f"online-updater-{self.task}", max_backoff_s=60.0)
         self._embeddings: dict[str, tuple[EmbeddingSet, EmbeddingSet]] = {}
         self._roots: dict[str, LoadedHead] = {}
-        self._training_prior: np.ndarray | None = None  # the champion's training class shares, for the update under way
 
     # ---- lifecycle and triggering ---------------------------------------------------------------
     def start(self) -> "Updater":
@@ -206,9 +226,9 @@ class Updater:
 
         root_head = self._root(champion)
         root = root_head.model
-        self._training_prior = class_shares(validation.y, len(classes))  # a stratified split: the training data's mix
-        candidate = self._taught(root, taught, domains)
-        crossfit = self._crossfit(root, taught, domains, [i.id for i in usable])
+        training_prior = class_shares(validation.y, len(classes))  # a stratified split: the training data's mix
+        candidate = taught_head(root, taught, domains, self.settings, training_prior)
+        crossfit = crossfit_taught(root, taught, domains, [i.id for i in usable], self.settings, training_prior)
         over_champion = None
         if champion.version != root_head.version:  # the champion learned feedback: does the candidate know more?
             unseen = np.array([not taught_to(i, champion.version) for i in usable], bool)
@@ -229,22 +249,6 @@ class Updater:
                               left_out, time.time() - started, verdict.metrics, list(verdict.codes))
         log.info("online update: %s", report)
         return report
-
-    def _taught(self, root, data: EmbeddingSet, domains: list[str | None]):
-        """The root head taught ``data``, from ``domains`` (the root itself is never changed)."""
-        head = configure_online(copy.deepcopy(root), self.settings, self._training_prior)
-        return teach(head, data.x, data.y, domains) if len(data) else head
-
-    def _crossfit(self, root, data: EmbeddingSet, domains: list[str | None], ids: list[str]) -> np.ndarray:
-        """Each item's probabilities (for its domain) by the root taught every *other* fold: evidence no model saw."""
-        folds = np.array([fold_of(i, self.settings.gate_folds) for i in ids], dtype=int)
-        named = np.array(domains, dtype=object)
-        out = np.zeros((len(data), len(root.classes_)))
-        for k in np.unique(folds):
-            rest = folds != k
-            head = self._taught(root, EmbeddingSet(data.x[rest], data.y[rest]), list(named[rest]))
-            out[~rest] = predict_proba(head, data.x[~rest], list(named[~rest]))
-        return out
 
     def _register(self, candidate, champion: LoadedHead, verdict, taught: list[FeedbackItem], new: list[FeedbackItem]) -> str:
         root = champion.tags.get("lineage_root") or champion.version

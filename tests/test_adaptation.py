@@ -113,8 +113,7 @@ def training_data(registry):
 @pytest.mark.slow
 def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_restores_both(infantino_home):
     registry = train_tiny_registry(infantino_home, epochs=3)
-    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9, gate_max_val_drop=1.0,
-                        update_domain_memory=0.5)  # off by default
+    settings = Settings(home=infantino_home, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9, gate_max_val_drop=1.0)
     stores = store_feedback(registry, settings.storage.database_url, 4, domain="ward")
 
     report = adapt_from_feedback(registry, stores.feedback, settings.online, training_data(registry), QUICK, val_fraction=0.25)
@@ -133,8 +132,8 @@ def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_re
     emb = embed_images(backbone.model, x, backbone.preprocessing)
     expected = classifier_proba(backbone.model, emb)
     np.testing.assert_allclose(head.model.predict_proba(emb), expected, atol=1e-5)
-    # The ward's feedback is remembered in the new embedding (heads/domain.py): its requests are
-    # blended with the prototypes; requests naming no domain are the classifier's alone.
+    # The ward's feedback is remembered in the new embedding (heads/domain.py, on by default): its
+    # requests are blended with the ward's own classifier; requests naming no domain are the classifier's alone.
     stored = np.stack([to_model_array(open_image(i.image), backbone.preprocessing.input_size, backbone.preprocessing.grayscale)
                        for i in stores.feedback.items("expression")])
     remembered, _ = head.model.domain_memory_.memory_["ward"]

@@ -129,20 +129,48 @@ def test_feedback_naming_a_domain_moves_only_that_domains_answers(tmp_path):
     # The mix needs enough items to be learned: a domain named by few is left alone.
     head.partial_fit(new_x[60:63], new_y[60:63], domains="few")
     np.testing.assert_allclose(head.predict_proba(new_x, "few"), head.predict_proba(new_x))
-    # The deployment's switch (INFANTINO_UPDATE_DOMAIN_PRIORS, off by default): domains are remembered, not used.
-    off = configure_online(create_head("feedback", replay_size=150, domain_priors=True).fit(x, y), OnlineSettings())
+    # The deployment's switch (INFANTINO_UPDATE_DOMAIN_PRIORS, off by default): domains are remembered, not used
+    # (the domain memory, on by default, off here too).
+    off = configure_online(create_head("feedback", replay_size=150, domain_priors=True).fit(x, y), OnlineSettings(update_domain_memory=0))
     off.partial_fit(new_x[:60], new_y[:60], domains="infant")
     np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))
 
 
-def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domain(tmp_path):
-    """Each named domain's feedback embeddings answer that domain's requests as class prototypes,
-    blended with the head (INFANTINO_UPDATE_DOMAIN_MEMORY); other requests are answered by the
-    head alone, and 0 (the default) turns it off."""
+def test_a_domains_own_classifier_beats_the_head_there_and_handles_a_domain_of_one_class():
+    """The logistic memory (the default) answers a domain the base never saw better than the head does,
+    gives no probability to a class the domain never named, and a domain whose feedback names one
+    class answers it; a memory stored before kinds existed (no ``kind``) answers by prototypes."""
+    from heads.domain import DomainMemory
+
+    x, y = blobs(100, seed=1)
+    new_x, new_y = blobs(30, domain=0, seed=2)
+    new_y = (new_y + 1) % 3  # where the training data's class k lies, this domain's class k+1 does: the replay outvotes it
+    head = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings())
+    assert (head.domain_memory, head.domain_memory_kind) == (0.7, "logistic")  # the defaults
+    head.partial_fit(new_x[::2], new_y[::2], domains="infant")
+    held, truth = new_x[1::2], new_y[1::2]
+    assert np.mean(head.predict(held, "infant") == truth) > np.mean(head.predict(held) == truth) + 0.2
+    memory = DomainMemory(weight=1.0).fit(new_x[new_y != 0], new_y[new_y != 0], "ward")
+    answer = memory.blend(np.full((5, 4), 0.25), new_x[:5], "ward")
+    assert np.allclose(answer.sum(1), 1) and np.all(answer[:, 0] == 0)
+    single = DomainMemory(weight=1.0).fit(new_x[new_y == 2], new_y[new_y == 2], "ward")
+    np.testing.assert_allclose(single.blend(np.full((3, 4), 0.25), new_x[:3], "ward")[:, 2], 1.0)
+    old = DomainMemory(weight=1.0, kind="prototype").fit(new_x, new_y, "ward")
+    del old.__dict__["kind"], old.__dict__["classifiers_"]  # as a memory registered on 2026-12-05 loads
+    np.testing.assert_allclose(old.blend(np.full((4, 4), 0.25), new_x[:4], "ward"),
+                               DomainMemory(weight=1.0, kind="prototype").fit(new_x, new_y, "ward").blend(np.full((4, 4), 0.25), new_x[:4], "ward"))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "prototype"])
+def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domain(tmp_path, kind):
+    """Each named domain's feedback embeddings answer that domain's requests (by a logistic regression
+    of the domain's own, or as class prototypes), blended with the head (INFANTINO_UPDATE_DOMAIN_MEMORY,
+    _KIND); other requests are answered by the head alone, and 0 turns it off."""
     x, y = blobs(100, seed=1)
     new_x, new_y = blobs(30, domain=1, seed=2)  # the same classes elsewhere: a domain the base never saw
-    head = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings(update_domain_memory=0.5))
-    assert head.domain_memory == 0.5
+    head = configure_online(create_head("feedback", replay_size=150).fit(x, y),
+                            OnlineSettings(update_domain_memory=0.5, update_domain_memory_kind=kind))
+    assert head.domain_memory == 0.5 and head.domain_memory_kind == kind
     base = head.predict_proba(new_x)
     head.learn_domains(new_y[::2], "infant", new_x[::2])  # the domain's memory alone, as after a backbone adaptation
     np.testing.assert_allclose(head.predict_proba(new_x), base)  # no domain named: unchanged
@@ -157,13 +185,14 @@ def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domai
     head.partial_fit(new_x[:20], new_y[:20], domains="infant").partial_fit(new_x[20:40], new_y[20:40], domains="infant")
     remembered, labels = head.domain_memory_.memory_["infant"]
     assert len(remembered) == 40 and sorted(labels) == sorted(new_y[:40])
+    assert head.domain_memory_.kind == kind and (kind == "prototype") == (not head.domain_memory_.classifiers_)
     skops.io.dump(head, tmp_path / "head.skops")
     loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
     np.testing.assert_allclose(loaded.predict_proba(new_x, "infant"), head.predict_proba(new_x, "infant"))
     # A domain named by too few items is not remembered; weight 0 remembers nothing.
     head.partial_fit(new_x[40:43], new_y[40:43], domains="few")
     np.testing.assert_allclose(head.predict_proba(new_x, "few"), head.predict_proba(new_x))
-    off = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings())
+    off = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings(update_domain_memory=0))
     off.partial_fit(new_x[:40], new_y[:40], domains="infant")
     assert off.domain_memory_ is None
     np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))

@@ -208,7 +208,8 @@ def test_feedback_naming_a_domain_teaches_that_domains_class_mix(home, tmp_path)
 
     reg_home = tmp_path / "domain"
     shutil.copytree(home, reg_home, ignore=shutil.ignore_patterns("feedback.db*"))
-    settings = Settings(home=reg_home, online={"gate_max_val_drop": 1.0, "update_domain_priors": True})  # off by default
+    settings = Settings(home=reg_home, online={"gate_max_val_drop": 1.0, "update_domain_priors": True,  # off by default
+                                                 "update_domain_memory": 0})  # on by default; the mix alone here
     registry = ModelRegistry(settings)
     head = registry.load_head("champion")
     _, validation = registry.load_embeddings(head)
