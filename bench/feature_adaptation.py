@@ -70,7 +70,7 @@ from bench.common import (
     write_result,
 )
 from heads import configure_online
-from heads.domain import DomainMemory, DomainPriors, prototype_proba, unit_rows
+from heads.domain import DomainMemory, DomainPriors, unit_rows
 from infantino.faces import create_detector
 from infantino.images import normalise, open_image
 from infantino.regions import find_regions
@@ -109,15 +109,10 @@ def adabn(model, x: np.ndarray, prep):
     return model.eval()
 
 
-def memory_proba(memory: np.ndarray, labels: np.ndarray, queries: np.ndarray, kind: str, n_classes: int,
-                 temperature: float = 0.1, k: int = 10) -> np.ndarray:
-    """Class probabilities of ``queries`` from a memory of labelled embeddings, by cosine similarity:
-    ``prototype`` (the service's, heads/domain.py) or ``knn`` (the ``k`` nearest, each voting
-    exp(similarity / temperature))."""
-    if kind == "prototype":
-        return prototype_proba(memory, labels, queries, n_classes, temperature)
-    if kind != "knn":
-        raise ValueError(f"kind must be 'prototype' or 'knn', got {kind!r}")
+def knn_proba(memory: np.ndarray, labels: np.ndarray, queries: np.ndarray, n_classes: int,
+              temperature: float = 0.1, k: int = 10) -> np.ndarray:
+    """Class probabilities of ``queries`` from a memory of labelled embeddings by cosine similarity: the
+    ``k`` nearest, each voting exp(similarity / temperature) (the service's kinds: heads/domain.py)."""
     sims = unit_rows(queries) @ unit_rows(memory).T
     nearest = np.argsort(-sims, 1)[:, :k]
     scores = np.zeros((len(queries), n_classes))
@@ -412,11 +407,11 @@ def main() -> None:
         for stem, parts in stems.items():
             for kind, betas in (("logistic", (0.5, 0.7, 1.0)), ("prototype", (0.25, 0.5)), ("knn", (0.25, 0.5))):
                 for beta in betas:
-                    if kind == "logistic":  # the service's own memory, fitted on the fold's feedback
-                        fold_probs = [DomainMemory(weight=beta).fit(e_tr, y[tr], DOMAIN).blend(p, e_held, DOMAIN)
+                    if kind in DomainMemory.KINDS:  # the service's own memory, fitted on the fold's feedback
+                        fold_probs = [DomainMemory(weight=beta, kind=kind).fit(e_tr, y[tr], DOMAIN).blend(p, e_held, DOMAIN)
                                       for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
                     else:
-                        fold_probs = [(1 - beta) * p + beta * memory_proba(e_tr, y[tr], e_held, kind, len(FER_CLASSES))
+                        fold_probs = [(1 - beta) * p + beta * knn_proba(e_tr, y[tr], e_held, len(FER_CLASSES))
                                       for (tr, _), (e_tr, e_held, p) in zip(folds, parts)]
                     record(f"{stem}+memory_{kind} {beta:g}", fold_probs, stem_vals[stem], "FER2013 requests name no domain: unchanged")
 

@@ -106,7 +106,7 @@ class DomainMemory(BaseEstimator):
 
     def recall(self, domain: str, X: np.ndarray, n_classes: int) -> np.ndarray:
         """The memory's own answer for ``X`` from ``domain`` (a remembered one): probabilities over ``n_classes``."""
-        if self.kind == "prototype" or not hasattr(self, "classifiers_"):
+        if self.kind == "prototype":  # also every memory registered before kinds existed (the class attribute)
             memory_x, memory_y = self.memory_[domain]
             return prototype_proba(memory_x, memory_y, X, n_classes, self.temperature)
         classifier, out = self.classifiers_[domain], np.zeros((len(X), n_classes))

@@ -92,8 +92,8 @@ def taught_head(root, data: EmbeddingSet, domains: list[str | None], settings, t
 def crossfit_taught(root, data: EmbeddingSet, domains: list[str | None], ids: list[str], settings,
                     training_prior: np.ndarray | None = None) -> np.ndarray:
     """Each item's probabilities (for its domain) by the root taught every *other* fold: evidence no model
-    saw. What the online updater's candidates are judged on, and what a backbone adaptation must not
-    answer worse than (adaptation/backbone.py)."""
+    saw. What the online updater's candidates are judged on, and the champion's answers a backbone
+    adaptation must beat (adaptation/backbone.py; online/gate.py rule d)."""
     folds = np.array([fold_of(i, settings.gate_folds) for i in ids], dtype=int)
     named = np.array(domains, dtype=object)
     out = np.zeros((len(data), len(root.classes_)))
