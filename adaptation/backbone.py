@@ -34,6 +34,8 @@ import numpy as np
 from backbones.inference import embed_images
 from heads import configure_online
 from heads.domain import DomainMemory, DomainPriors, class_shares
+from heads.feedback import memory_input
+from infantino import EMBEDDING_DIM
 from infantino.embeddings import EmbeddingSet
 from infantino.images import open_image, to_model_array
 from infantino.settings import OnlineSettings
@@ -125,7 +127,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     root_version = champion.tags.get("lineage_root") or champion.version
     root = registry.load_head(root_version).model
     original = backbone.model
-    original_embeddings = EmbeddingSet(embed_images(original, x, prep), y)
+    original_embeddings = EmbeddingSet(embed_images(original, x, prep, stage_features=True), y)  # served rows, as the champion reads them
     root_proba = root.predict_proba(original_embeddings.x)
 
     def val_right(model, data: LabelledImages, head=None) -> np.ndarray:
@@ -153,9 +155,9 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
         if settings.update_domain_priors:
             crossfit[~rest] = DomainPriors(training_prior).fit(y[rest], list(named[rest])).adjust(crossfit[~rest], list(named[~rest]))
         if settings.update_domain_memory:  # as the served head answers: the fold's own feedback remembered
-            fold_emb = embed_images(fold_model, x, prep)
-            crossfit[~rest] = DomainMemory(weight=settings.update_domain_memory, kind=settings.update_domain_memory_kind).fit(
-                fold_emb[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_emb[~rest], list(named[~rest]))
+            fold_in = memory_input(embed_images(fold_model, x, prep, stage_features=True), EMBEDDING_DIM, settings.update_domain_memory_features)
+            memory = DomainMemory(weight=settings.update_domain_memory, kind=settings.update_domain_memory_kind, C=settings.update_domain_memory_c)
+            crossfit[~rest] = memory.fit(fold_in[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_in[~rest], list(named[~rest]))
     # A champion that learned these items online (its domain classifier, heads/domain.py) must not be
     # replaced by a pair that answers them worse: its own learning, cross-fitted alike, is the bar too.
     champion_proba = (crossfit_taught(root, original_embeddings, domains, [i.id for i in items], settings, training_prior)
@@ -181,7 +183,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
     # does. The backbone learned the feedback itself; the head learns only each named domain's mix
     # and memory (if on), the memory in the adapted embedding.
     head = configure_online(fit_head(replay_set.x, replay_set.y, len(classes), seed, classifier=tuned.classifier),
-                            settings).learn_domains(y, domains, embed_images(tuned, x, prep) if settings.update_domain_memory else None)
+                            settings).learn_domains(y, domains, embed_images(tuned, x, prep, stage_features=True) if settings.update_domain_memory else None)
     with registry.start_run(f"backbone-adaptation-from-v{champion.backbone_version}", tags={"kind": ORIGIN}):
         mlflow.log_params({**cfg.to_params(), "interpolation_weight": weight, "parent_version": champion.version, "feedback_items": len(items),
                            "parent_backbone_version": champion.backbone_version})

@@ -30,8 +30,11 @@ def for_inference(model: EmbeddingNet) -> EmbeddingNet:
 def embed_images(
     model: EmbeddingNet, x_uint8: np.ndarray, prep: Preprocessing, batch_size: int = 256,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: str | None = None, tta: str = "none",
+    stage_features: bool = False,
 ) -> np.ndarray:
-    """Embed uint8 (N, H, W, 3) images batch by batch; returns float32 numpy (N, 64).
+    """Embed uint8 (N, H, W, 3) images batch by batch; returns float32 numpy (N, 64), or with
+    ``stage_features`` the rows the service serves: each embedding followed by its stage features
+    (``EmbeddingNet.served_rows``).
 
     ``transform`` changes each normalised batch first (e.g. the lower-face occlusion of the
     masked-face evaluation); ``tta`` averages each embedding over test-time views
@@ -40,7 +43,7 @@ def embed_images(
     from tqdm.auto import tqdm
 
     if tta != "none":
-        views = [embed_images(model, np.ascontiguousarray(v), prep, batch_size, transform, progress)
+        views = [embed_images(model, np.ascontiguousarray(v), prep, batch_size, transform, progress, stage_features=stage_features)
                  for v in augmented_views(x_uint8, tta)]
         return np.mean(views, axis=0)
 
@@ -52,5 +55,5 @@ def embed_images(
         chunk = chunk.contiguous(memory_format=torch.channels_last)  # see for_inference
         if transform is not None:
             chunk = transform(chunk)
-        out.append(model(chunk).float().cpu().numpy())
+        out.append((model.served_rows(chunk) if stage_features else model(chunk)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, EMBEDDING_DIM), np.float32)

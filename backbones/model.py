@@ -3,6 +3,15 @@
 ``create_backbone`` is the factory (in the spirit of ``timm.create_model``). The network
 maps a normalised image batch to 64-d embeddings; a linear classifier sits on top only
 while the backbone is trained, the served classifier is the scikit-learn head (heads/).
+
+What it serves (``served_rows``) is each image's embedding followed by its *stage features*: the
+average-pooled maps of the network's last two stages (768 numbers for resnet18), from the same
+forward pass. The head's classifier reads the embedding; a named domain's memory
+(heads/domain.py) reads the stage features, which the 64-d projection, trained for FER2013, has
+not narrowed to FER2013's distinctions: on the infant feedback half (4-fold CV, 5 seeds) the
+service's head with a domain classifier on them reads 62.3%, on the embedding 59.8% at best,
+the model as it is 51.9% (bench/domain_memory_features.py). Pooling three stages, max- or
+GeM-pooling, flipped views: no better (scratch probes, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ import torch
 from torch import nn
 
 from infantino import EMBEDDING_DIM
+
+
+STAGE_FEATURE_STAGES = 2  # how many of the last stages' pooled maps follow the embedding in served rows
 
 
 class BackboneError(RuntimeError):
@@ -41,6 +53,16 @@ class EmbeddingNet(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward(x))
+
+    def served_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> rows of [64-d embedding | stage features] (see the module's docstring), in one pass."""
+        stages = getattr(self.features, "forward_intermediates", None)
+        if stages is None:  # a timm model without intermediates: its pooled features stand in
+            pooled = self.features(x)
+            return torch.cat([self.embed(pooled), pooled], dim=1)
+        final, last_two = stages(x, indices=STAGE_FEATURE_STAGES)
+        pooled = [m.mean(dim=(2, 3)) if m.ndim == 4 else m.mean(dim=1) for m in last_two]  # NCHW maps, or tokens (ViT)
+        return torch.cat([self.embed(self.features.forward_head(final)), *pooled], dim=1)
 
 
 def create_backbone(

@@ -1,6 +1,8 @@
 """How a backbone runs when it serves: torch, or its ONNX export on ONNX Runtime or OpenVINO (no torch needed).
 
-A runner maps uint8 model inputs (N, S, S, 3) to float32 embeddings (N, 64). On a CPU, ONNX
+A runner maps uint8 model inputs (N, S, S, 3) to float32 served rows (N, 64 + stage features):
+the embedding the head reads, then the stage features a domain's memory reads
+(``EmbeddingNet.served_rows``; an export made before those existed serves the embedding alone). On a CPU, ONNX
 Runtime runs one image 3x faster than torch and a batch of 32 1.04x faster than torch in
 channels_last (bench/results/cpu_runtime.json). OpenVINO (the CPU default when installed, as it
 is in the Bento), on a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX), which it then uses by
@@ -37,13 +39,21 @@ def torch_installed() -> bool:
 
 
 def export_onnx(model, input_size: int) -> bytes:
-    """The torch backbone as ONNX bytes, with a dynamic batch dimension (input ``x``, output ``embedding``)."""
+    """The torch backbone's served rows as ONNX bytes, with a dynamic batch dimension (input ``x``, output ``embedding``)."""
     import torch
+
+    class ServedRows(torch.nn.Module):  # what the export computes: EmbeddingNet.served_rows
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.served_rows(x)
 
     buf = io.BytesIO()
     example = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
     # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript and gains nothing here.
-    torch.onnx.export(model.eval(), example, buf, input_names=["x"], output_names=["embedding"],
+    torch.onnx.export(ServedRows(model).eval(), example, buf, input_names=["x"], output_names=["embedding"],
                       dynamic_axes={"x": {0: "n"}, "embedding": {0: "n"}}, dynamo=False)
     return buf.getvalue()
 
@@ -103,7 +113,7 @@ def export_runner(onnx: bytes, prep: Preprocessing, runtime: str = "auto", threa
 def torch_runner(model, prep: Preprocessing) -> Runner:
     from backbones.inference import embed_images
 
-    return _named(lambda images: embed_images(model, images, prep, batch_size=max(len(images), 1)), "torch")
+    return _named(lambda images: embed_images(model, images, prep, batch_size=max(len(images), 1), stage_features=True), "torch")
 
 
 def create_runner(prep: Preprocessing, runtime: str = "auto", *, model=None, onnx: bytes | None = None, threads: int = 0) -> Runner:

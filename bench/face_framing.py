@@ -43,6 +43,16 @@ class _Found:
         return self.faces
 
 
+def detected_feedback_half():
+    """The infant feedback half decoded, with the default detector's largest face in each photo:
+    (images, faces, labels, detector); a ``_Found(faces[i])`` detector replays photo i's face."""
+    files, y, _, _ = infant_split()
+    images = [open_image(f) for f in tqdm(files, desc="decode")]
+    detector = create_detector()  # the deployment's default chain
+    faces = [detector.detect(img)[:1] for img in tqdm(images, desc=f"detect ({detector.name})")]
+    return images, faces, y, detector
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args()

@@ -22,11 +22,12 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from backbones.inference import embed_images
-from bench.common import DOMAIN, RESULTS, infant_split, write_result
-from bench.face_framing import _Found
+from bench.common import DOMAIN, RESULTS, write_result
+from bench.face_framing import _Found, detected_feedback_half
 from heads.domain import DomainMemory
-from infantino.faces import create_detector
-from infantino.images import Preprocessing, open_image
+from heads.feedback import memory_input
+from infantino import EMBEDDING_DIM
+from infantino.images import Preprocessing
 from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
@@ -40,26 +41,24 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
     if ap.parse_args().plot_only:
         return plot(json.loads((RESULTS / "framing_for_learning.json").read_text()))
-    files, y, _, _ = infant_split()
-    images = [open_image(f) for f in tqdm(files, desc="decode")]
-    detector = create_detector()  # the deployment's default chain
-    faces = [detector.detect(img)[:1] for img in tqdm(images, desc=f"detect ({detector.name})")]
+    images, faces, y, detector = detected_feedback_half()
     meta = shipped_meta()
     model, head = shipped_backbone(), shipped_head()
     base = Preprocessing.from_dict(meta["preprocessing"])
     online = OnlineSettings()
-    memory = DomainMemory(weight=online.update_domain_memory, kind=online.update_domain_memory_kind)
+    memory = DomainMemory(weight=online.update_domain_memory, kind=online.update_domain_memory_kind, C=online.update_domain_memory_c)
     rows = {}
     for margin in MARGINS:
         prep = Preprocessing(base.input_size, base.grayscale, base.mean, base.std, face_margin=margin)
         x = np.stack([find_regions(img, prep, "largest", _Found(found), keep_images=False)[0].array for img, found in zip(images, faces)])
-        emb = embed_images(model, x, prep)
-        as_is = head.predict_proba(emb)
+        served = embed_images(model, x, prep, stage_features=True)  # served rows: the embedding, then the stage features
+        read = memory_input(served, EMBEDDING_DIM, online.update_domain_memory_features)  # what the memory reads
+        as_is = head.predict_proba(served)
         learned = []
         for seed in range(SEEDS):
             proba = np.zeros_like(as_is)
-            for taught, held in StratifiedKFold(4, shuffle=True, random_state=seed).split(emb, y):
-                proba[held] = memory.fit(emb[taught], y[taught], DOMAIN).blend(as_is[held], emb[held], DOMAIN)
+            for taught, held in StratifiedKFold(4, shuffle=True, random_state=seed).split(read, y):
+                proba[held] = memory.fit(read[taught], y[taught], DOMAIN).blend(as_is[held], read[held], DOMAIN)
             learned.append(float(np.mean(proba.argmax(1) == y)))
         rows[f"{margin:g}"] = {"as_is": float(np.mean(as_is.argmax(1) == y)), "after_feedback": learned,
                                "after_feedback_mean": float(np.mean(learned))}
@@ -68,7 +67,7 @@ def main() -> None:
     best = max(rows, key=lambda m: rows[m]["after_feedback_mean"])
     result = {"command": "python -m bench.framing_for_learning", "detector": detector.name,
               "model": {k: meta.get(k) for k in ("backbone", "preprocessing")},
-              "memory": {"weight": memory.weight, "kind": memory.kind}, "data": "feedback half (233 photos), 4 folds x 5 seeds",
+              "memory": {"weight": memory.weight, "kind": memory.kind, "C": memory.C, "reads": online.update_domain_memory_features}, "data": "feedback half (233 photos), 4 folds x 5 seeds",
               "rows": rows, "best_margin_after_feedback": float(best)}
     path = write_result("framing_for_learning", result)
     plot(result)

@@ -149,7 +149,7 @@ def main() -> None:
 
     detector = create_detector(settings.faces.face_detector)
     test_x = model_inputs(t_files, prep, detector)
-    test_emb = embed_images(backbone.model, test_x, prep)
+    test_emb = embed_images(backbone.model, test_x, prep, stage_features=True)  # served rows, as the service reads them
     result: dict = {"command": "python -m bench.infant_adaptation " + " ".join(sys.argv[1:]), "model": shipped_meta(),
                     "split": {"stream": len(s_files), "test": len(t_files), "seed": 0},
                     "settings": {"face_detector": settings.faces.face_detector, "face_margin": prep.face_margin,
@@ -218,7 +218,7 @@ def main() -> None:
         # The adapted pair itself on the test half, served or not (reported, never used to choose anything).
         pair_head = registry.load_head(report["head_version"]).model
         pair_backbone = registry.load_backbone(report["backbone_version"])
-        result["adapted"]["pair_itself"] = scores(infant_predictions(pair_head, embed_images(pair_backbone.model, test_x, prep)), t_y)
+        result["adapted"]["pair_itself"] = scores(infant_predictions(pair_head, embed_images(pair_backbone.model, test_x, prep, stage_features=True)), t_y)
         tqdm.write(f"after `infantino adapt` (interpolation weight {report['interpolation_weight']}): "
                    f"infant accuracy {result['adapted']['accuracy']:.3f}; gate: {report['verdict']}")
 

@@ -50,6 +50,7 @@ DEFAULT_HEAD = "feedback"
 ONLINE_PARAMS: dict[type, dict[str, str]] = {
     FeedbackHead: {"feedback_weight": "update_feedback_weight", "domain_priors": "update_domain_priors",
                    "domain_memory": "update_domain_memory", "domain_memory_kind": "update_domain_memory_kind",
+                   "domain_memory_features": "update_domain_memory_features", "domain_memory_C": "update_domain_memory_c",
                    "replay_targets": "update_replay_targets"},
     MLPHead: {"online_learning_rate": "update_learning_rate", "online_passes": "update_passes"},
 }

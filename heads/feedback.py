@@ -11,6 +11,9 @@ requests naming that domain toward it; requests naming none are answered as befo
 With ``domain_memory`` > 0 (the default, 0.7) it also keeps each named domain's feedback embeddings,
 and a classifier of that domain's own fitted on them answers requests naming the domain, blended in
 with that weight (heads/domain.py): the part of the online loop that moves a new domain's accuracy.
+The memory reads the backbone's stage features where the rows carry them (served rows: the
+embedding, then the stage features; backbones/model.py, ``domain_memory_features="stages"``), else
+the embedding.
 A backbone adaptation's head (adaptation/backbone.py) learns only the domains' mixes and memory
 (``learn_domains``): its backbone learned the feedback itself.
 
@@ -32,21 +35,22 @@ from sklearn.linear_model import LogisticRegression
 
 from heads.domain import DomainMemory, DomainPriors, Domains, class_shares, per_row
 from heads.mlp import MLPHead
-from infantino.embeddings import EmbeddingSet
+from infantino.embeddings import EmbeddingSet, split_rows
 
 
 class FeedbackHead(ClassifierMixin, BaseEstimator):
     TRUSTED_TYPES = ("heads.feedback.FeedbackHead", "heads.mlp.MLPHead", "heads.domain.DomainPriors", "heads.domain.DomainMemory",
-                     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
+                     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer", "sklearn.pipeline.Pipeline",
+                     "sklearn.preprocessing._data.StandardScaler")
     # Heads registered before these existed load without them, and behave as they did then.
     domain_priors, training_prior, training_prior_, domain_priors_ = False, None, None, None
-    domain_memory, domain_memory_, domain_memory_kind = 0.0, None, "prototype"
+    domain_memory, domain_memory_, domain_memory_kind, domain_memory_features, domain_memory_C = 0.0, None, "prototype", "embedding", 1.0
     replay_targets = "labels"
 
     def __init__(self, base: MLPHead | None = None, feedback_weight: float = 5.0, replay_size: int = 2000, C: float = 1.0,
                  random_state: int = 0, domain_priors: bool = False,
                  training_prior: tuple[float, ...] | None = None, domain_memory: float = 0.0, replay_targets: str = "labels",
-                 domain_memory_kind: str = "logistic"):
+                 domain_memory_kind: str = "logistic", domain_memory_features: str = "stages", domain_memory_C: float = 1.0):
         self.base = base
         self.feedback_weight = feedback_weight
         self.replay_size = replay_size
@@ -56,6 +60,8 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         self.training_prior = training_prior  # class shares of the training data (None: fit's labels, else the replay's)
         self.domain_memory = domain_memory  # the weight of each named domain's memory in its answers (0: off)
         self.domain_memory_kind = domain_memory_kind  # how the memory answers: "logistic" or "prototype" (heads/domain.py)
+        self.domain_memory_features = domain_memory_features  # what it reads: "stages" (where rows carry them) or "embedding"
+        self.domain_memory_C = domain_memory_C  # the logistic memory's inverse regularisation
         # What the adapter learns on the replay sample: "labels", or "base": the base head's answers
         # (soft targets, as each item once per class weighted by the base's probability), so that with
         # no feedback the adapter answers as the base does on the training data.
@@ -94,14 +100,14 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "base_"):
             return self.fit(X, y, classes)
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
-        self.feedback_x_ = np.concatenate([self.feedback_x_, X])
+        self.feedback_x_ = _stack_rows(self.feedback_x_, X, self.n_features_in_)
         self.feedback_y_ = np.concatenate([self.feedback_y_, y])
         named = np.array([d or "" for d in per_row(domains, len(y))], dtype=object)
         self.feedback_domain_ = np.concatenate([getattr(self, "feedback_domain_", np.full(len(self.feedback_y_) - len(y), "", object)), named])
         self.learn_domains(self.feedback_y_, self.feedback_domain_, self.feedback_x_)
         if len(self.feedback_y_):
             replay_x, replay_y, replay_w = self._replay_targets()
-            x = np.concatenate([self.feedback_x_, replay_x])
+            x = np.concatenate([self.feedback_x_[:, : self.n_features_in_], replay_x])
             t = np.concatenate([self.feedback_y_, replay_y])
             weight = np.concatenate([np.full(len(self.feedback_y_), self.feedback_weight), replay_w])
             with warnings.catch_warnings():
@@ -129,9 +135,12 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         if self.domain_priors and any(named):
             self.domain_priors_ = DomainPriors(self._training_prior()).fit(np.searchsorted(self.classes_, y), named)
         if self.domain_memory and X is not None and any(named):
-            self.domain_memory_ = DomainMemory(weight=self.domain_memory, kind=self.domain_memory_kind).fit(
-                X, np.searchsorted(self.classes_, y), named)
+            self.domain_memory_ = DomainMemory(weight=self.domain_memory, kind=self.domain_memory_kind, C=self.domain_memory_C).fit(
+                self._memory_input(X), np.searchsorted(self.classes_, y), named)
         return self
+
+    def _memory_input(self, X: np.ndarray) -> np.ndarray:
+        return memory_input(X, self.n_features_in_, self.domain_memory_features)
 
     def _training_prior(self) -> np.ndarray:
         for prior in (self.training_prior, self.training_prior_):
@@ -148,17 +157,36 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         """Probabilities per row; rows whose domain (one for all, or one per row) taught this head
         its class mix are moved to it."""
         X = np.asarray(X, np.float32)
+        embedding = split_rows(X, self.n_features_in_)[0]
         if self.adapter_ is None:
-            out = self.base_.predict_proba(X)
+            out = self.base_.predict_proba(embedding)
         else:
             # The adapter knows only the classes it has seen; place its columns in the full label set.
             out = np.zeros((len(X), len(self.classes_)), np.float64)
-            out[:, np.searchsorted(self.classes_, self.adapter_.classes_)] = self.adapter_.predict_proba(X)
+            out[:, np.searchsorted(self.classes_, self.adapter_.classes_)] = self.adapter_.predict_proba(embedding)
         if domains is None:
             return out
         if self.domain_priors_ is not None:
             out = self.domain_priors_.adjust(out, domains)
-        return out if self.domain_memory_ is None else self.domain_memory_.blend(out, X, domains)
+        return out if self.domain_memory_ is None else self.domain_memory_.blend(out, self._memory_input(X), domains)
 
     def predict(self, X: np.ndarray, domains: Domains = None) -> np.ndarray:
         return self.classes_[self.predict_proba(X, domains).argmax(1)]
+
+
+def _stack_rows(kept: np.ndarray, new: np.ndarray, embedding_width: int) -> np.ndarray:
+    """The feedback rows kept so far and ``new`` ones, in one array: rows of one width stack as they
+    are; rows of another (items embedded before the backbone served stage features) keep what all
+    have in common, the embedding."""
+    if not len(kept):
+        return new
+    if kept.shape[1] == new.shape[1]:
+        return np.concatenate([kept, new])
+    return np.concatenate([kept[:, :embedding_width], new[:, :embedding_width]])
+
+
+def memory_input(rows: np.ndarray, embedding_width: int, features: str) -> np.ndarray:
+    """What a domain memory reads of served ``rows``: with ``features="stages"`` their stage features,
+    where they carry them; else the embedding."""
+    embedding, stages = split_rows(rows, embedding_width)
+    return stages if stages is not None and features == "stages" else embedding

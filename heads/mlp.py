@@ -15,6 +15,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
 
+from infantino.embeddings import split_rows
+
 
 class MLPHead(ClassifierMixin, BaseEstimator):
     """An sklearn-style classifier (fit, partial_fit, predict_proba; learned state ends in ``_``).
@@ -131,6 +133,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         X, y = np.asarray(X, np.float32), np.asarray(y)
         if not hasattr(self, "mlp_"):
             return self.fit(X, y, classes)
+        X = split_rows(X, self.n_features_in_)[0]  # served rows: the embedding part
         # partial_fit continues the head's own Adam state, whose step size was fixed at the first
         # fit; sklearn reads it from the optimizer, so set both.
         self.mlp_.set_params(learning_rate_init=self.online_learning_rate)
@@ -145,7 +148,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.mlp_.predict_proba(np.asarray(X, np.float32))
+        return self.mlp_.predict_proba(split_rows(X, self.n_features_in_)[0])  # served rows: the embedding part
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]

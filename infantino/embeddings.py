@@ -15,11 +15,18 @@ import numpy as np
 from infantino import EMBEDDING_DIM
 
 
+def split_rows(rows: np.ndarray, embedding_width: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A served row is the embedding followed by the backbone's stage features (backbones/model.py):
+    (the first ``embedding_width`` columns, the rest or None where rows hold the embedding alone)."""
+    rows = np.asarray(rows, np.float32)
+    return rows[:, :embedding_width], (rows[:, embedding_width:] if rows.shape[1] > embedding_width else None)
+
+
 @dataclass
 class EmbeddingSet:
     """Embeddings with labels, made by one backbone version."""
 
-    x: np.ndarray  # float32 (N, 64)
+    x: np.ndarray  # float32 (N, 64), or served rows (N, 64 + stage features: split_rows)
     y: np.ndarray  # int64 (N,)
 
     @classmethod

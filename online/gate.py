@@ -19,10 +19,13 @@ It is promoted only when both hold:
 (c) **A bound on promotions without a gain over the champion.** Every candidate is judged
     against the root, so once the champion has learned something (say, a consistent mislabel
     that agrees with itself), each later candidate passes (b) again on the same grounds and is
-    promoted, with nothing new learned. So the candidate is also compared with the *champion*
-    on the items the champion was never taught (held out from it, cross-fitted for the
-    candidate), by the same test. A promotion without such a gain is "unproven"; after
-    ``max_unproven`` of them in a row the gate refuses until a candidate shows one.
+    promoted, with nothing new learned. So the candidate is also compared with the lineage's last
+    *proven* version (the champion, unless its own promotion was unproven; online/updater.py,
+    PROVEN_TAG) on the items that version was never taught (held out from it, cross-fitted for
+    the candidate), by the same test. A promotion without such a gain is "unproven"; after
+    ``max_unproven`` of them in a row the gate refuses until a candidate shows one. Against the last
+    proven version the evidence grows with each unproven promotion (32 items, 64, 96...), so a
+    chain that really learns proves it; against the champion alone each test saw one batch.
 
 (d) **A gain over a champion that learned the same items another way.** A backbone adaptation
     (adaptation/backbone.py) is a candidate taught the same feedback as the online head it would
@@ -106,7 +109,7 @@ def evaluate_gate(
 ) -> GateVerdict:
     """``candidate_proba``/``root_proba``: (N, classes) probabilities of the cross-fitted candidate
     and of the root for the N feedback items; ``labels``: their class indices.
-    ``over_champion``: the candidate against the champion on the items the champion was not taught
+    ``over_champion``: the candidate against the last proven version on the items it was not taught
     (None when the champion is the root: then (b) is that comparison); ``unproven_before``: the
     champion's count of promotions in a row without such a gain; ``max_unproven``: the bound (None: none);
     ``worse_alpha``: the candidate is refused as answering worse when the exact test on the items
@@ -155,7 +158,7 @@ def evaluate_gate(
         m.update({"champion_unseen_items": float(over_champion.n), "champion_gain_p_value": over_champion.p_value,
                   "champion_log_likelihood_gain": over_champion.mean_gain, "unproven_promotions": float(unproven)})
         if not proven and max_unproven is not None and unproven > max_unproven:
-            reasons.append(f"no gain over the champion on the {over_champion.n} items it was not taught (p={over_champion.p_value:.3f}, "
+            reasons.append(f"no gain over the last proven version on the {over_champion.n} items it was not taught (p={over_champion.p_value:.3f}, "
                            f"won {over_champion.won}, lost {over_champion.lost}), and {unproven_before} promotion(s) in a row "
                            f"already had none (allowed {max_unproven})")
             codes.append(NO_GAIN_OVER_CHAMPION)

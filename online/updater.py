@@ -69,6 +69,12 @@ class UpdateReport:
 
 
 UNPROVEN_TAG = "unproven_promotions"  # on a head version: promotions in a row, ending with it, without a gain over their champion
+# On a head version: the last version of its lineage whose promotion was proven (itself, if it was;
+# the root before any was). Later candidates must show a gain over it on every item it was not taught:
+# evidence that accumulates along a chain of unproven promotions, so the gate's rule (c) gains power
+# as feedback grows (against the champion alone it saw one batch, 32 items: on the infant benchmark
+# it stopped the loop at 192 of 224 items, 2026-12-06).
+PROVEN_TAG = "proven_reference"
 
 
 def taught_to(item: FeedbackItem, head_version: str) -> bool:
@@ -205,7 +211,10 @@ class Updater:
     def _as_set(self, items: list[FeedbackItem], classes: list[str]) -> EmbeddingSet:
         if not items:
             return EmbeddingSet.empty()
-        return EmbeddingSet(np.stack([i.embedding for i in items]).astype(np.float32),
+        # Items stored before the backbone served stage features hold the embedding alone: then all
+        # keep what they have in common, the embedding (the domain memory reads it instead).
+        width = min(len(i.embedding) for i in items)
+        return EmbeddingSet(np.stack([i.embedding[:width] for i in items]).astype(np.float32),
                             np.array([classes.index(i.label) for i in items], np.int64))
 
     def _update(self) -> UpdateReport:
@@ -230,9 +239,10 @@ class Updater:
         candidate = taught_head(root, taught, domains, self.settings, training_prior)
         crossfit = crossfit_taught(root, taught, domains, [i.id for i in usable], self.settings, training_prior)
         over_champion = None
-        if champion.version != root_head.version:  # the champion learned feedback: does the candidate know more?
-            unseen = np.array([not taught_to(i, champion.version) for i in usable], bool)
-            over_champion = paired_evidence(crossfit[unseen], predict_proba(champion.model, taught.x[unseen], [d for d, u in zip(domains, unseen) if u])
+        reference = self._proven_reference(champion, root_head)
+        if champion.version != root_head.version:  # the champion learned feedback: does the candidate know more than the last proof?
+            unseen = np.array([not taught_to(i, reference.version) for i in usable], bool)
+            over_champion = paired_evidence(crossfit[unseen], predict_proba(reference.model, taught.x[unseen], [d for d, u in zip(domains, unseen) if u])
                                             if unseen.any() else np.zeros((0, len(classes))), taught.y[unseen])
         verdict = evaluate_gate(
             accuracy(root, validation), accuracy(candidate, validation), candidate_proba=crossfit,
@@ -241,7 +251,8 @@ class Updater:
             unproven_before=int(champion.tags.get(UNPROVEN_TAG, 0)), max_unproven=s.gate_max_unproven_promotions,
             worse_alpha=s.gate_worse_alpha,
         )
-        version = self._register(candidate, champion, verdict, usable, new)
+        proven_reference = reference.version if verdict.unproven_promotions else None  # None: the new version itself
+        version = self._register(candidate, champion, verdict, usable, new, proven_reference)
         promoted = verdict.passed
         self.registry.promote("head", version, CHAMPION if promoted else CHALLENGER)
         self.feedback.mark([i.id for i in new], USED, used_by_version=version)
@@ -250,7 +261,19 @@ class Updater:
         log.info("online update: %s", report)
         return report
 
-    def _register(self, candidate, champion: LoadedHead, verdict, taught: list[FeedbackItem], new: list[FeedbackItem]) -> str:
+    def _proven_reference(self, champion: LoadedHead, root: LoadedHead) -> LoadedHead:
+        """The champion's last proven ancestor (PROVEN_TAG; a champion registered before the tag: itself)."""
+        version = champion.tags.get(PROVEN_TAG) or champion.version
+        if version == champion.version:
+            return champion
+        if version == root.version:
+            return root
+        if version not in self._roots:  # a small cache of fixed versions, as the roots'
+            self._roots[version] = self.registry.load_head(version)
+        return self._roots[version]
+
+    def _register(self, candidate, champion: LoadedHead, verdict, taught: list[FeedbackItem], new: list[FeedbackItem],
+                  proven_reference: str | None) -> str:
         root = champion.tags.get("lineage_root") or champion.version
         tags = {
             "origin": "online_update", "parent_version": champion.version, "embeddings_run_id": champion.embeddings_run_id,
@@ -259,6 +282,8 @@ class Updater:
             "feedback_accuracy_crossfit": f"{verdict.metrics['feedback_accuracy_candidate']:.4f}",
             UNPROVEN_TAG: str(verdict.unproven_promotions),
         }
+        if proven_reference is not None:
+            tags[PROVEN_TAG] = proven_reference
         if not verdict.passed:  # with the version, before any alias names it: whoever sees the challenger sees why
             tags["gate_reason"] = verdict.summary[:4000]
         with self.registry.start_run(f"online-update-from-v{champion.version}", tags={"kind": "online_update"}):

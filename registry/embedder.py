@@ -26,6 +26,6 @@ def torch_embedder(registry: ModelRegistry) -> Callable[[list[bytes], str], np.n
         loaded = backbone(backbone_version)
         prep = loaded.preprocessing
         x = np.stack([to_model_array(open_image(img, reduce_to=prep.input_size), prep.input_size, prep.grayscale) for img in images])
-        return embed_images(loaded.model, x, prep)
+        return embed_images(loaded.model, x, prep, stage_features=True)  # served rows, as the service stores them
 
     return embed

@@ -30,22 +30,26 @@ log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 
 
-# ---- the wire format: per task, in settings order, 64 embedding columns then the backbone version ----
+# ---- the wire format: per task, in settings order, [row width, backbone version, the row's columns] ----
+# A row is the embedding followed by the stage features (backbones/runtime.py); its width depends on
+# the backbone, so each block says its own.
 def pack_embeddings(blocks: list[tuple[np.ndarray, str]]) -> np.ndarray:
-    """[(float32 (N, 64), backbone version), one per task] -> float32 (N, 65 per task)."""
+    """[(float32 (N, W) served rows, backbone version), one per task] -> float32 (N, sum of 2 + W)."""
     columns = []
-    for emb, version in blocks:
-        columns += [emb.astype(np.float32, copy=False), np.full((len(emb), 1), float(version), dtype=np.float32)]
+    for rows, version in blocks:
+        n, width = rows.shape
+        columns += [np.full((n, 1), float(width), np.float32), np.full((n, 1), float(version), np.float32),
+                    rows.astype(np.float32, copy=False)]
     return np.concatenate(columns, axis=1)
 
 
 def unpack_embeddings(packed: np.ndarray, tasks: list[str]) -> dict[str, tuple[np.ndarray, set[str]]]:
-    """The inverse: per task, its (N, 64) embeddings and the backbone version(s) that made them."""
-    width = EMBEDDING_DIM + 1
-    out = {}
-    for i, task in enumerate(tasks):
-        block = packed[:, i * width : (i + 1) * width]
-        out[task] = (block[:, :-1], {str(int(v)) for v in block[:, -1]})
+    """The inverse: per task, its (N, W) rows and the backbone version(s) that made them."""
+    out, start = {}, 0
+    for task in tasks:
+        width = int(packed[0, start]) if len(packed) else EMBEDDING_DIM
+        out[task] = (packed[:, start + 2 : start + 2 + width], {str(int(v)) for v in packed[:, start + 1]})
+        start += 2 + width
     return out
 
 

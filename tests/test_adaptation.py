@@ -132,13 +132,17 @@ def test_a_passed_adaptation_is_a_new_backbone_and_head_champion_and_rollback_re
     emb = embed_images(backbone.model, x, backbone.preprocessing)
     expected = classifier_proba(backbone.model, emb)
     np.testing.assert_allclose(head.model.predict_proba(emb), expected, atol=1e-5)
-    # The ward's feedback is remembered in the new embedding (heads/domain.py, on by default): its
+    # The ward's feedback is remembered in the new backbone's stage features (heads/domain.py, on by default): its
     # requests are blended with the ward's own classifier; requests naming no domain are the classifier's alone.
     stored = np.stack([to_model_array(open_image(i.image), backbone.preprocessing.input_size, backbone.preprocessing.grayscale)
                        for i in stores.feedback.items("expression")])
     remembered, _ = head.model.domain_memory_.memory_["ward"]
-    np.testing.assert_allclose(np.sort(remembered, 0), np.sort(embed_images(backbone.model, stored, backbone.preprocessing), 0), atol=1e-4)
-    assert not np.allclose(head.model.predict_proba(emb, "ward"), expected, atol=1e-3)
+    stage_features = embed_images(backbone.model, stored, backbone.preprocessing, stage_features=True)[:, 64:]  # what the memory reads
+    np.testing.assert_allclose(np.sort(remembered, 0), np.sort(stage_features, 0), atol=1e-4)
+    served = embed_images(backbone.model, x, backbone.preprocessing, stage_features=True)  # a request's served row
+    np.testing.assert_allclose(head.model.predict_proba(served), expected, atol=1e-5)
+    assert not np.allclose(head.model.predict_proba(served, "ward"), expected, atol=1e-3)
+    np.testing.assert_allclose(head.model.predict_proba(emb, "ward"), expected, atol=1e-5)  # a row without stage features: the head alone
     # The gate's old-domain check is stored with the head, in the new embedding, for later online updates.
     _, validation = registry.load_embeddings(head)
     assert validation.x.shape[1] == 64 and len(validation) > 0

@@ -11,6 +11,15 @@ from backbones.model import create_backbone
 from infantino.images import Preprocessing, normalise
 
 
+def served_width(model, size: int) -> int:
+    """A served row's width: the 64-d embedding and the pooled maps of the last two stages."""
+    import torch
+
+    with torch.inference_mode():
+        _, stages = model.features.forward_intermediates(torch.zeros(1, 3, size, size), indices=2)
+    return 64 + sum(s.shape[1] for s in stages)
+
+
 @pytest.mark.parametrize("size, grayscale", [(48, True), (40, False)])
 def test_onnxruntime_matches_torch(size, grayscale):
     pytest.importorskip("onnxruntime")
@@ -21,10 +30,12 @@ def test_onnxruntime_matches_torch(size, grayscale):
     images = np.random.default_rng(0).integers(0, 255, (5, size, size, 3), dtype=np.uint8)
     by_torch = runtime.create_runner(prep, "torch", model=model)(images)
     by_onnx = runtime.create_runner(prep, "onnxruntime", model=model)(images)
-    assert by_onnx.shape == by_torch.shape == (5, 64)
+    width = served_width(model, size)
+    assert by_onnx.shape == by_torch.shape == (5, width) and width > 64  # served rows: the embedding, then the stage features
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(by_torch[:, :64], embed_images(model, images, prep), atol=1e-5)  # what the head reads comes first
     onnx = runtime.export_onnx(model, size)
-    assert runtime.create_runner(prep, "onnxruntime", onnx=onnx)(images[:1]).shape == (1, 64)  # any batch size, no torch model
+    assert runtime.create_runner(prep, "onnxruntime", onnx=onnx)(images[:1]).shape == (1, width)  # any batch size, no torch model
     session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])  # what the runner runs
     assert [i.name for i in session.get_inputs()] == ["x"]
     np.testing.assert_allclose(session.run(None, {"x": normalise(images, prep)})[0], by_torch, atol=1e-4, rtol=1e-3)
@@ -41,7 +52,7 @@ def test_openvino_matches_torch_and_serves_threads():
     by_torch = runtime.create_runner(prep, "torch", model=model)(images)
     run = runtime.create_runner(prep, "openvino", onnx=runtime.export_onnx(model, 48))
     by_openvino = run(images)
-    assert by_openvino.shape == (6, 64) and by_openvino.dtype == np.float32
+    assert by_openvino.shape == (6, served_width(model, 48)) and by_openvino.dtype == np.float32
     cosine = (by_openvino * by_torch).sum(1) / np.linalg.norm(by_openvino, axis=1) / np.linalg.norm(by_torch, axis=1)
     assert cosine.min() > 0.99, cosine
     with ThreadPoolExecutor(4) as pool:  # one infer request shared: each caller must get its own images' answer
@@ -77,7 +88,7 @@ def test_auto_falls_back_to_torch_when_onnx_fails(monkeypatch, caplog):
     prep = Preprocessing(input_size=48)
     model = for_inference(create_backbone("test_efficientnet", 3))
     images = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(runtime.create_runner(prep, "auto", model=model)(images), embed_images(model, images, prep))
+    np.testing.assert_array_equal(runtime.create_runner(prep, "auto", model=model)(images), embed_images(model, images, prep, stage_features=True))
     assert "running the backbone with torch" in caplog.text
     with pytest.raises(RuntimeError, match="no exporter"):  # asked for explicitly: no silent fallback
         runtime.create_runner(prep, "onnxruntime", model=model)

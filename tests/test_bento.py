@@ -101,7 +101,7 @@ def test_the_backbone_serves_from_its_onnx_export_without_torch(tiny, tmp_path, 
     assert "served backbone v1 on openvino" in proc.stdout  # the CPU default, installed with the Bento (bentofile.yaml)
     by_export = np.load(tmp_path / "out.npy")
     by_torch = torch_embeddings(tiny["home"], images)
-    assert by_export.shape == (6, 64)
+    assert by_export.shape == by_torch.shape and by_export.shape[1] > 64  # served rows: the embedding, then the stage features
     # OpenVINO computes in bfloat16 where the CPU can: the same embeddings up to its rounding
     cosine = (by_export * by_torch).sum(1) / np.linalg.norm(by_export, axis=1) / np.linalg.norm(by_torch, axis=1)
     assert cosine.min() > 0.99, cosine

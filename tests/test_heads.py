@@ -146,7 +146,7 @@ def test_a_domains_own_classifier_beats_the_head_there_and_handles_a_domain_of_o
     new_x, new_y = blobs(30, domain=0, seed=2)
     new_y = (new_y + 1) % 3  # where the training data's class k lies, this domain's class k+1 does: the replay outvotes it
     head = configure_online(create_head("feedback", replay_size=150).fit(x, y), OnlineSettings())
-    assert (head.domain_memory, head.domain_memory_kind) == (0.7, "logistic")  # the defaults
+    assert (head.domain_memory, head.domain_memory_kind, head.domain_memory_features) == (0.85, "logistic", "stages")  # the defaults
     head.partial_fit(new_x[::2], new_y[::2], domains="infant")
     held, truth = new_x[1::2], new_y[1::2]
     assert np.mean(head.predict(held, "infant") == truth) > np.mean(head.predict(held) == truth) + 0.2
@@ -169,7 +169,7 @@ def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domai
     x, y = blobs(100, seed=1)
     new_x, new_y = blobs(30, domain=1, seed=2)  # the same classes elsewhere: a domain the base never saw
     head = configure_online(create_head("feedback", replay_size=150).fit(x, y),
-                            OnlineSettings(update_domain_memory=0.5, update_domain_memory_kind=kind))
+                            OnlineSettings(update_domain_memory=0.5, update_domain_memory_kind=kind, update_domain_memory_c=1.0))
     assert head.domain_memory == 0.5 and head.domain_memory_kind == kind
     base = head.predict_proba(new_x)
     head.learn_domains(new_y[::2], "infant", new_x[::2])  # the domain's memory alone, as after a backbone adaptation
@@ -196,3 +196,31 @@ def test_feedback_naming_a_domain_is_remembered_and_recalled_only_for_that_domai
     off.partial_fit(new_x[:40], new_y[:40], domains="infant")
     assert off.domain_memory_ is None
     np.testing.assert_allclose(off.predict_proba(new_x, "infant"), off.predict_proba(new_x))
+
+
+def test_the_domain_memory_reads_the_stage_features_that_follow_the_embedding(tmp_path):
+    """Served rows are the embedding, then the backbone's stage features (backbones/model.py). The head's
+    classifier reads the embedding alone; a domain's memory reads the stage features (the default), so
+    a domain told apart only there is learned there, and not from the embedding (``embedding``).
+    Rows without stage features get the head's answer; every head type reads served rows."""
+    x, y = blobs(100, seed=1)
+    noise = np.random.default_rng(3).standard_normal((90, 64)).astype(np.float32)  # the embedding says nothing of the domain's classes
+    stage_x, stage_y = blobs(30, domain=2, seed=4, dim=32)  # the stage features do
+    rows = np.hstack([noise, stage_x])
+    settings = OnlineSettings(update_domain_memory=1.0, update_domain_memory_c=1.0)
+    head = configure_online(create_head("feedback", replay_size=150).fit(x, y), settings)
+    assert head.domain_memory_features == "stages"
+    head.partial_fit(rows[::2], stage_y[::2], domains="infant")
+    held, truth = rows[1::2], stage_y[1::2]
+    assert np.mean(head.predict(held, "infant") == truth) > 0.9
+    np.testing.assert_allclose(head.predict_proba(held), head.predict_proba(held[:, :64]))  # no domain: the embedding alone
+    np.testing.assert_allclose(head.predict_proba(held[:, :64], "infant"), head.predict_proba(held[:, :64]))  # no stage features: the head
+    skops.io.dump(head, tmp_path / "head.skops")
+    loaded = skops.io.load(tmp_path / "head.skops", trusted=trusted_types())
+    np.testing.assert_allclose(loaded.predict_proba(held, "infant"), head.predict_proba(held, "infant"))
+    on_embedding = configure_online(create_head("feedback", replay_size=150).fit(x, y),
+                                    settings.model_copy(update={"update_domain_memory_features": "embedding"}))
+    on_embedding.partial_fit(rows[::2], stage_y[::2], domains="infant")
+    assert np.mean(on_embedding.predict(held, "infant") == truth) < 0.6
+    mlp = create_head("mlp").fit(x, y)
+    np.testing.assert_allclose(mlp.predict_proba(np.hstack([x[:5], stage_x[:5]])), mlp.predict_proba(x[:5]))

@@ -228,3 +228,41 @@ def test_feedback_naming_a_domain_teaches_that_domains_class_mix(home, tmp_path)
     assert (ward[:, 1:].sum(1) < plain[:, 1:].sum(1)).all()  # every answer moved toward the first class
     np.testing.assert_allclose(plain, predict_proba(taught, probe, "another-ward"))
     stores.db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("champion_proven", [True, False])
+def test_rule_c_weighs_every_item_since_the_last_proven_version(tmp_path, champion_proven):
+    """The gate's bound on unproven promotions (online/gate.py, rule c) compares a candidate with the
+    lineage's last proven version on every item that version was not taught: after an unproven
+    promotion the evidence is both batches since the proof, not the newest batch alone."""
+    from online.updater import PROVEN_TAG, Updater
+    from registry.embedder import torch_embedder
+
+    home = tmp_path / "home"
+    registry = train_tiny_registry(home, epochs=3)
+    settings = Settings(home=home, gate_max_val_drop=1.0, gate_min_items=6, gate_alpha=1.0, gate_worse_alpha=1e-9,
+                        gate_max_unproven_promotions=5)
+    stores = Stores.open(settings.storage.database_url)
+    embed = torch_embedder(registry)
+    updater = Updater(settings.online, registry, stores.feedback, stores.lease, embed=embed)
+
+    def add(seed: int) -> int:
+        batch = faces(3, seed=seed)
+        for img, label in batch:
+            stores.feedback.add(task="expression", label=label, embedding=embed([img], "1")[0], backbone_version="1", image=img)
+        return len(batch)
+
+    first_batch = add(seed=1)
+    first = updater.run_once(force=True)
+    assert first.promoted, first.verdict  # against the root: (b) is the comparison, and v2 is proven
+    assert PROVEN_TAG not in registry.version_info("head", first.head_version).tags
+    if not champion_proven:  # as if v2's promotion had shown no gain over the root: the root stays the reference
+        registry.tag_version("head", first.head_version, {PROVEN_TAG: "1", "unproven_promotions": "1"})
+    second_batch = add(seed=2)
+    second = updater.run_once(force=True)
+    # Against v2 (proven): the items v2 was not taught; against the root: every item, both batches.
+    expected = second_batch if champion_proven else first_batch + second_batch
+    assert second.metrics["champion_unseen_items"] == expected, second.metrics
+    if second.promoted and second.metrics["unproven_promotions"]:
+        assert registry.version_info("head", second.head_version).tags[PROVEN_TAG] == ("2" if champion_proven else "1")

@@ -41,7 +41,7 @@ def test_feedback_is_reembedded_when_the_backbone_changes(tmp_path):
     assert len(with_image) == len(items) and all(i.backbone_version == "2" for i in with_image)
     for item in with_image:
         x = to_model_array(open_image(item.image), new.preprocessing.input_size, new.preprocessing.grayscale)[None]
-        np.testing.assert_allclose(item.embedding, embed_images(new.model, x, new.preprocessing)[0], atol=1e-5)
+        np.testing.assert_allclose(item.embedding, embed_images(new.model, x, new.preprocessing, stage_features=True)[0], atol=1e-5)  # served rows
     # The item without an image stays on the old backbone and is left out of the update.
     assert [i.backbone_version for i in stored.values() if not i.image] == ["1"]
     assert report.left_out_items == 1 and report.new_items == report.feedback_items == len(items)
