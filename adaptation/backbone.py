@@ -32,8 +32,8 @@ import mlflow
 import numpy as np
 
 from backbones.inference import embed_images
-from heads import configure_online
-from heads.domain import DomainMemory, DomainPriors, class_shares
+from heads import configure_online, domain_memory
+from heads.domain import DomainPriors, class_shares
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.embeddings import EmbeddingSet
@@ -156,8 +156,7 @@ def adapt_from_feedback(registry: ModelRegistry, feedback: FeedbackStore, settin
             crossfit[~rest] = DomainPriors(training_prior).fit(y[rest], list(named[rest])).adjust(crossfit[~rest], list(named[~rest]))
         if settings.update_domain_memory:  # as the served head answers: the fold's own feedback remembered
             fold_in = memory_input(embed_images(fold_model, x, prep, stage_features=True), EMBEDDING_DIM, settings.update_domain_memory_features)
-            memory = DomainMemory(weight=settings.update_domain_memory, kind=settings.update_domain_memory_kind, C=settings.update_domain_memory_c)
-            crossfit[~rest] = memory.fit(fold_in[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_in[~rest], list(named[~rest]))
+            crossfit[~rest] = domain_memory(settings).fit(fold_in[rest], y[rest], list(named[rest])).blend(crossfit[~rest], fold_in[~rest], list(named[~rest]))
     # A champion that learned these items online (its domain classifier, heads/domain.py) must not be
     # replaced by a pair that answers them worse: its own learning, cross-fitted alike, is the bar too.
     champion_proba = (crossfit_taught(root, original_embeddings, domains, [i.id for i in items], settings, training_prior)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from backbones.inference import embed_images
 from bench.common import DOMAIN, RESULTS, write_result
 from bench.face_framing import _Found, detected_feedback_half
-from heads.domain import DomainMemory
+from heads import domain_memory
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.images import Preprocessing
@@ -46,7 +46,7 @@ def main() -> None:
     model, head = shipped_backbone(), shipped_head()
     base = Preprocessing.from_dict(meta["preprocessing"])
     online = OnlineSettings()
-    memory = DomainMemory(weight=online.update_domain_memory, kind=online.update_domain_memory_kind, C=online.update_domain_memory_c)
+    memory = domain_memory(online)
     rows = {}
     for margin in MARGINS:
         prep = Preprocessing(base.input_size, base.grayscale, base.mean, base.std, face_margin=margin)

@@ -25,6 +25,7 @@ _SKLEARN_TORCH_SHIM = "sklearn.externals.array_api_compat.torch"
 if "torch" not in sys.modules:
     sys.modules.setdefault(_SKLEARN_TORCH_SHIM, None)
 
+from heads.domain import DomainMemory
 from heads.feedback import FeedbackHead
 from heads.mlp import MLPHead
 
@@ -64,6 +65,13 @@ def configure_online(head: Head, online_settings, training_prior: np.ndarray | N
     if training_prior is not None and "training_prior" in head.get_params(deep=False) and head.get_params(deep=False)["training_prior"] is None:
         params["training_prior"] = tuple(float(p) for p in training_prior)
     return head.set_params(**params) if params else head
+
+
+def domain_memory(online_settings) -> DomainMemory:
+    """A domain memory (heads/domain.py) as the deployment's online settings make the feedback head's;
+    it reads ``memory_input(rows, EMBEDDING_DIM, online_settings.update_domain_memory_features)``."""
+    return DomainMemory(weight=online_settings.update_domain_memory, kind=online_settings.update_domain_memory_kind,
+                        C=online_settings.update_domain_memory_c)
 
 
 def create_head(kind: str = DEFAULT_HEAD, **params) -> Head:

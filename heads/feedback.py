@@ -8,7 +8,7 @@ the replay sample; once it has seen feedback, the adapter answers.
 Feedback may name the domain it came from (``domains``, e.g. "infant"): the head then also learns
 that domain's class mix against the training data's (heads/domain.py), and moves answers to
 requests naming that domain toward it; requests naming none are answered as before.
-With ``domain_memory`` > 0 (the default, 0.7) it also keeps each named domain's feedback embeddings,
+With ``domain_memory`` > 0 (the deployment's default, 0.85) it also keeps each named domain's feedback rows,
 and a classifier of that domain's own fitted on them answers requests naming the domain, blended in
 with that weight (heads/domain.py): the part of the online loop that moves a new domain's accuracy.
 The memory reads the backbone's stage features where the rows carry them (served rows: the
@@ -35,7 +35,7 @@ from sklearn.linear_model import LogisticRegression
 
 from heads.domain import DomainMemory, DomainPriors, Domains, class_shares, per_row
 from heads.mlp import MLPHead
-from infantino.embeddings import EmbeddingSet, split_rows
+from infantino.embeddings import EmbeddingSet, split_rows, stack_rows
 
 
 class FeedbackHead(ClassifierMixin, BaseEstimator):
@@ -100,7 +100,7 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "base_"):
             return self.fit(X, y, classes)
         X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
-        self.feedback_x_ = _stack_rows(self.feedback_x_, X, self.n_features_in_)
+        self.feedback_x_ = stack_rows(self.feedback_x_, X) if len(self.feedback_x_) else X
         self.feedback_y_ = np.concatenate([self.feedback_y_, y])
         named = np.array([d or "" for d in per_row(domains, len(y))], dtype=object)
         self.feedback_domain_ = np.concatenate([getattr(self, "feedback_domain_", np.full(len(self.feedback_y_) - len(y), "", object)), named])
@@ -172,17 +172,6 @@ class FeedbackHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray, domains: Domains = None) -> np.ndarray:
         return self.classes_[self.predict_proba(X, domains).argmax(1)]
-
-
-def _stack_rows(kept: np.ndarray, new: np.ndarray, embedding_width: int) -> np.ndarray:
-    """The feedback rows kept so far and ``new`` ones, in one array: rows of one width stack as they
-    are; rows of another (items embedded before the backbone served stage features) keep what all
-    have in common, the embedding."""
-    if not len(kept):
-        return new
-    if kept.shape[1] == new.shape[1]:
-        return np.concatenate([kept, new])
-    return np.concatenate([kept[:, :embedding_width], new[:, :embedding_width]])
 
 
 def memory_input(rows: np.ndarray, embedding_width: int, features: str) -> np.ndarray:

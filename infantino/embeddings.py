@@ -22,6 +22,14 @@ def split_rows(rows: np.ndarray, embedding_width: int) -> tuple[np.ndarray, np.n
     return rows[:, :embedding_width], (rows[:, embedding_width:] if rows.shape[1] > embedding_width else None)
 
 
+def stack_rows(*blocks: np.ndarray) -> np.ndarray:
+    """Blocks of rows as one array: rows of one width stack as they are; where widths differ (items
+    embedded before the backbone served stage features) every row keeps what all have in common,
+    the embedding."""
+    width = min(b.shape[1] for b in blocks)
+    return np.concatenate([np.asarray(b, np.float32)[:, :width] for b in blocks])
+
+
 @dataclass
 class EmbeddingSet:
     """Embeddings with labels, made by one backbone version."""

@@ -34,7 +34,7 @@ from typing import Callable
 import mlflow
 import numpy as np
 
-from infantino.embeddings import EmbeddingSet
+from infantino.embeddings import EmbeddingSet, stack_rows
 from infantino.periodic import Periodic
 from infantino.settings import OnlineSettings
 from online.gate import evaluate_gate, paired_evidence
@@ -211,10 +211,8 @@ class Updater:
     def _as_set(self, items: list[FeedbackItem], classes: list[str]) -> EmbeddingSet:
         if not items:
             return EmbeddingSet.empty()
-        # Items stored before the backbone served stage features hold the embedding alone: then all
-        # keep what they have in common, the embedding (the domain memory reads it instead).
-        width = min(len(i.embedding) for i in items)
-        return EmbeddingSet(np.stack([i.embedding[:width] for i in items]).astype(np.float32),
+        # Items stored before the backbone served stage features hold the embedding alone (stack_rows).
+        return EmbeddingSet(stack_rows(*(np.asarray(i.embedding)[None] for i in items)),
                             np.array([classes.index(i.label) for i in items], np.int64))
 
     def _update(self) -> UpdateReport:
