@@ -423,17 +423,19 @@ def _import_dlib():
     return dlib
 
 
-def cnn_weights_path() -> Path:
-    """dlib's MMOD face detector weights, shipped in the face-recognition-models wheel.
+def dlib_weights_path(filename: str = "mmod_human_face_detector.dat") -> Path:
+    """One of dlib's model files shipped in the face-recognition-models wheel (by default the MMOD
+    CNN face detector's; the wheel also holds the 68-point landmark predictor and the face
+    descriptor network, which bench/domain_memory_levers.py measures).
 
     Found without importing that package (its ``__init__`` needs setuptools' pkg_resources).
     """
     import importlib.util
 
     spec = importlib.util.find_spec("face_recognition_models")
-    path = Path(spec.origin).parent / "models" / "mmod_human_face_detector.dat" if spec and spec.origin else None
+    path = Path(spec.origin).parent / "models" / filename if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise FileNotFoundError("dlib's CNN face detector weights are missing: pip install face-recognition-models")
+        raise FileNotFoundError(f"dlib's model file {filename} is missing: pip install face-recognition-models")
     return path
 
 
@@ -466,7 +468,7 @@ class DlibCnnDetector(_DlibDetector):
         super().__init__(max_side, upsample)
 
     def _load(self):
-        return _import_dlib().cnn_face_detection_model_v1(str(cnn_weights_path()))
+        return _import_dlib().cnn_face_detection_model_v1(str(dlib_weights_path()))
 
     def _raw(self, det, rgb):
         return [(d.rect, d.confidence) for d in det(rgb, self.upsample)]
