@@ -327,7 +327,10 @@ def _post(server: BentoServer, path: str, body: dict, **kw) -> httpx.Response:
 
 def _all_workers_serve(c: Cluster, servers: list[BentoServer], version: str) -> bool:
     for s in servers:
-        seen = served_versions(httpx.get(f"{s.url}/metrics", timeout=30).text)
+        try:
+            seen = served_versions(httpx.get(f"{s.url}/metrics", timeout=30).text)
+        except httpx.TimeoutException:  # a worker still loading a model answers late: not serving yet, ask again
+            return False
         if len(seen) != c.workers[s.url] or set(seen.values()) != {version}:
             return False
     return True
