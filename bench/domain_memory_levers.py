@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -75,7 +76,7 @@ def main() -> None:
     backbone, defaults = shipped_backbone(), OnlineSettings()
 
     def rows(margin: float | None = None, flip: bool = False, size: int | None = None, model=backbone) -> np.ndarray:
-        at = Preprocessing(size or prep.input_size, prep.grayscale, prep.mean, prep.std, prep.face_margin)
+        at = dataclasses.replace(prep, input_size=size or prep.input_size)
         x = np.stack([find_regions(img, at, "largest", _Found(found), keep_images=False, margin=margin)[0].array
                       for img, found in zip(images, faces)])
         return embed_images(model, np.ascontiguousarray(x[:, :, ::-1]) if flip else x, at, stage_features=True)
