@@ -77,8 +77,7 @@ class _LdaMemory(DomainMemory):
 class _GeometricMemory(DomainMemory):
     """The domain memory blended in log space: (1 - weight) log p_head + weight log p_memory, renormalised."""
 
-    def blend(self, proba, X, domains):
-        memory = super().blend(np.zeros_like(proba), X, domains) / self.weight  # the memory's own answer
+    def _mix(self, proba, memory):
         mixed = np.exp((1 - self.weight) * np.log(np.clip(proba, 1e-6, 1)) + self.weight * np.log(np.clip(memory, 1e-6, 1)))
         return mixed / mixed.sum(1, keepdims=True)
 

@@ -131,8 +131,12 @@ class DomainMemory(BaseEstimator):
         for domain in self.memory_:
             mine = rows == domain
             if mine.any():
-                out[mine] = (1 - self.weight) * out[mine] + self.weight * self.recall(domain, np.asarray(X)[mine], out.shape[1])
+                out[mine] = self._mix(out[mine], self.recall(domain, np.asarray(X)[mine], out.shape[1]))
         return out
+
+    def _mix(self, proba: np.ndarray, memory: np.ndarray) -> np.ndarray:
+        """The head's answer ``proba`` mixed with the memory's ``memory`` (rows of one domain): linearly, at ``weight``."""
+        return (1 - self.weight) * proba + self.weight * memory
 
 
 class DomainPriors(BaseEstimator):
