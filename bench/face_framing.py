@@ -47,6 +47,11 @@ def detected_feedback_half():
     """The infant feedback half decoded, with the default detector's largest face in each photo:
     (images, faces, labels, detector); a ``_Found(faces[i])`` detector replays photo i's face."""
     files, y, _, _ = infant_split()
+    return detected(files, y)
+
+
+def detected(files, y):
+    """``files`` decoded, with the default detector's largest face in each: (images, faces, labels ``y``, detector)."""
     images = [open_image(f) for f in tqdm(files, desc="decode")]
     detector = create_detector()  # the deployment's default chain
     faces = [detector.detect(img)[:1] for img in tqdm(images, desc=f"detect ({detector.name})")]
