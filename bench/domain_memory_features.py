@@ -31,13 +31,12 @@ from tqdm.auto import tqdm
 
 from backbones.inference import embed_images
 from bench.common import DOMAIN, RESULTS, write_result
-from bench.face_framing import _Found, detected_feedback_half
+from bench.face_framing import detected_feedback_half, framed
 from heads import configure_online, predict_proba, teach
 from heads.domain import DomainMemory
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.images import Preprocessing
-from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
 
@@ -55,7 +54,7 @@ def main() -> None:
     images, faces, y, detector = detected_feedback_half()
     meta = shipped_meta()
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    x = np.stack([find_regions(img, prep, "largest", _Found(found), keep_images=False)[0].array for img, found in zip(images, faces)])
+    x = framed(images, faces, prep)
     rows = embed_images(shipped_backbone(), x, prep, stage_features=True)
     root, defaults = shipped_head(), OnlineSettings()
     no_memory = configure_online(copy.deepcopy(root), defaults).set_params(domain_memory=0.0)

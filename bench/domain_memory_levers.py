@@ -61,14 +61,13 @@ from bench.face_api import FEATURE_MARGIN as FACE_API_FEATURE_MARGIN
 from bench.face_api import PACKAGE as FACE_API
 from bench.face_api import FaceExpressionNet, face_api_reading
 from bench.face_api import crops as face_api_crops
-from bench.face_framing import _Found, detected_feedback_half
+from bench.face_framing import detected_feedback_half, framed
 from heads import configure_online, predict_proba, teach
 from heads.domain import DomainMemory
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.faces import DLIB_TO_HAAR_SCALE, crop_face, dlib_weights_path
 from infantino.images import Preprocessing, normalise
-from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
 
@@ -105,8 +104,7 @@ def main() -> None:
 
     def crops(margin: float | None = None, size: int | None = None) -> tuple[np.ndarray, Preprocessing]:
         at = dataclasses.replace(prep, input_size=size or prep.input_size)
-        return np.stack([find_regions(img, at, "largest", _Found(found), keep_images=False, margin=margin)[0].array
-                         for img, found in zip(images, faces)]), at
+        return framed(images, faces, at, margin), at
 
     def rows(margin: float | None = None, flip: bool = False, size: int | None = None, model=backbone) -> np.ndarray:
         x, at = crops(margin, size)

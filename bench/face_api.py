@@ -40,14 +40,12 @@ import torch.nn.functional as F
 
 from backbones.inference import embed_images
 from bench.common import DOMAIN, FER_CLASSES, infant_split, write_result
-from bench.face_framing import _Found, detected
+from bench.face_framing import detected, framed
 from bench.infant_adaptation import paired_gain, scores
-from heads import configure_online, predict_proba, teach
-from heads.domain import DomainMemory
+from heads import configure_online, domain_memory, predict_proba, teach
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.images import Preprocessing
-from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
 
@@ -196,9 +194,7 @@ def face_api_reading(net: FaceExpressionNet, rgb: np.ndarray, batch: int = 64) -
 
 def crops(images, faces, prep: Preprocessing, margin: float) -> np.ndarray:
     """Each photo's largest face (``faces[i]``, found earlier), framed at ``margin``, as face-api reads it: 112 px colour."""
-    colour = dataclasses.replace(prep, input_size=INPUT_SIZE, grayscale=False)
-    return np.stack([find_regions(img, colour, "largest", _Found(f), keep_images=False, margin=margin)[0].array
-                     for img, f in zip(images, faces)])
+    return framed(images, faces, dataclasses.replace(prep, input_size=INPUT_SIZE, grayscale=False), margin)
 
 
 def check_against_tfjs(net: FaceExpressionNet, rgb: np.ndarray) -> dict:
@@ -241,8 +237,7 @@ def main() -> None:
     backbone = shipped_backbone()
 
     def reading(images, faces):
-        served = embed_images(backbone, np.stack([find_regions(img, prep, "largest", _Found(f), keep_images=False)[0].array
-                                                  for img, f in zip(images, faces)]), prep, stage_features=True)
+        served = embed_images(backbone, framed(images, faces, prep), prep, stage_features=True)
         api_features = face_api_reading(net, crops(images, faces, prep, FEATURE_MARGIN))[0]
         return served, memory_input(served, EMBEDDING_DIM, defaults.update_domain_memory_features), api_features, \
             face_api_reading(net, crops(images, faces, prep, ANSWER_MARGIN))[1]
@@ -253,9 +248,7 @@ def main() -> None:
     base = predict_proba(teach(copy.deepcopy(no_memory), s_served, s_y, DOMAIN), t_served, DOMAIN)
 
     def taught(teach_x, answer_x):
-        memory = DomainMemory(weight=defaults.update_domain_memory, kind=defaults.update_domain_memory_kind,
-                              C=defaults.update_domain_memory_c).fit(teach_x, s_y, DOMAIN)
-        return memory.blend(base, answer_x, DOMAIN)
+        return domain_memory(defaults).fit(teach_x, s_y, DOMAIN).blend(base, answer_x, DOMAIN)
 
     shipped = taught(s_stages, t_stages)
     with_features = taught(np.c_[s_stages, s_api], np.c_[t_stages, t_api])

@@ -43,6 +43,13 @@ class _Found:
         return self.faces
 
 
+def framed(images, faces, prep: Preprocessing, margin: float | None = None) -> np.ndarray:
+    """Each photo's face found earlier (``faces[i]``, as ``detected`` gives them), cropped as the service
+    crops for a model of preprocessing ``prep`` (at ``margin``, default the model's own), else the whole photo."""
+    return np.stack([find_regions(img, prep, "largest", _Found(found), keep_images=False, margin=margin)[0].array
+                     for img, found in zip(images, faces)])
+
+
 def detected_feedback_half():
     """The infant feedback half decoded, with the default detector's largest face in each photo:
     (images, faces, labels, detector); a ``_Found(faces[i])`` detector replays photo i's face."""
@@ -94,7 +101,7 @@ def main() -> None:
 
     def predictions(name: str, margin: float, idx: np.ndarray) -> np.ndarray:
         prep = Preprocessing(base.input_size, base.grayscale, base.mean, base.std, face_margin=margin)
-        x = np.stack([find_regions(images[i], prep, "largest", _Found(found[name][i]), keep_images=False)[0].array for i in idx])
+        x = framed([images[i] for i in idx], [found[name][i] for i in idx], prep)
         return head.predict(embed_images(model, x, prep))
 
     sweep = {}

@@ -23,12 +23,11 @@ from tqdm.auto import tqdm
 
 from backbones.inference import embed_images
 from bench.common import DOMAIN, RESULTS, write_result
-from bench.face_framing import _Found, detected_feedback_half
+from bench.face_framing import detected_feedback_half, framed
 from heads import domain_memory
 from heads.feedback import memory_input
 from infantino import EMBEDDING_DIM
 from infantino.images import Preprocessing
-from infantino.regions import find_regions
 from infantino.settings import OnlineSettings
 from registry.shipped import shipped_backbone, shipped_head, shipped_meta
 
@@ -50,7 +49,7 @@ def main() -> None:
     rows = {}
     for margin in MARGINS:
         prep = Preprocessing(base.input_size, base.grayscale, base.mean, base.std, face_margin=margin)
-        x = np.stack([find_regions(img, prep, "largest", _Found(found), keep_images=False)[0].array for img, found in zip(images, faces)])
+        x = framed(images, faces, prep)
         served = embed_images(model, x, prep, stage_features=True)  # served rows: the embedding, then the stage features
         read = memory_input(served, EMBEDDING_DIM, online.update_domain_memory_features)  # what the memory reads
         as_is = head.predict_proba(served)
