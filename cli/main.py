@@ -79,6 +79,9 @@ def main(verbose: bool) -> None:
 @click.option("--cutmix", default=1.0, help="CutMix alpha (0 turns it off).")
 @click.option("--mix-prob", default=0.5, help="Probability a batch is mixed.")
 @click.option("--occlusion", default=0.2, help="Probability of the lower-face occlusion augmentation.")
+@click.option("--augment", type=click.Choice(["standard", "wide"]), default="standard",  # training.augment.AUGMENTATIONS (torchvision stays out of the CLI's start)
+              help="How far the training views range: 'wide' also turns, scales, blurs, sharpens and stretches the contrast "
+                   "more (faces unlike the training data's; training/augment.py).")
 @click.option("--ema-decay", default=0.0,
               help="> 0: register an exponential moving average of the weights (e.g. 0.998) instead of the last ones.")
 @click.option("--distill-from", default=None,
@@ -112,7 +115,7 @@ def main(verbose: bool) -> None:
 @uri_option
 def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, color, epochs, batch_size, lr, warmup_epochs, optimizer, schedule,
           plateau_patience, weight_decay,
-          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, ema_decay, distill_from, distill_weight, distill_tta, precision, head_from, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
+          label_smoothing, balance, mixup, cutmix, mix_prob, occlusion, augment, ema_decay, distill_from, distill_weight, distill_tta, precision, head_from, drop_rate, freeze_epochs, unfreeze_lr_scale, val_fraction,
           seed, threads, device, out_dir, resume, init_from, no_promote, crop_faces, face_margin, task, tracking_uri):
     """Train a backbone and an MLP head on labelled images and register both in MLflow.
 
@@ -131,7 +134,7 @@ def train(data, classes, limit, backbone, pretrained, checkpoint, image_size, co
         backbone=backbone, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size, grayscale=not color, face_margin=face_margin,
         epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer, schedule=schedule, plateau_patience=plateau_patience,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
-        balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion, ema_decay=ema_decay, drop_rate=drop_rate, precision=precision, head=head_from,
+        balance=balance, mixup_alpha=mixup, cutmix_alpha=cutmix, mixup_prob=mix_prob, occlusion_p=occlusion, augment=augment, ema_decay=ema_decay, drop_rate=drop_rate, precision=precision, head=head_from,
         distill_weight=distill_weight if distill_from else 0.0, freeze_epochs=freeze_epochs, unfreeze_lr_scale=unfreeze_lr_scale, val_fraction=val_fraction, seed=seed,
         threads=threads, device=device,
     )

@@ -377,6 +377,22 @@ def test_bf16_precision_trains_in_mixed_precision_and_keeps_float32_weights(tiny
         train_backbone(tiny_config(precision="fp16"), train, val, tmp_path / "bad")
 
 
+def test_wide_augmentation_trains_on_other_views_and_is_offered_by_the_cli(tiny_folder, tmp_path):
+    from training.augment import AUGMENTATIONS
+
+    data = load_dataset(tiny_folder, 32, True, classes=None)
+    train, val = stratified_split(data, 0.1, 0)
+    standard = train_backbone(tiny_config(), train, val, tmp_path / "standard")
+    wide = train_backbone(tiny_config(augment="wide"), train, val, tmp_path / "wide")
+    # Same seed, same data: only the views differ, so the weights do (the option is really used).
+    assert any(not torch.allclose(v, standard.state_dict()[k]) for k, v in wide.state_dict().items() if v.is_floating_point())
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train_backbone(tiny_config(augment="extreme"), train, val, tmp_path / "bad")
+    option = next(p for p in main.commands["train"].params if p.name == "augment")
+    assert tuple(option.type.choices) == AUGMENTATIONS and option.default == "standard"
+    assert tiny_config(augment="wide").to_params()["augment"] == "wide"  # recorded with the registered run
+
+
 def test_distillation_teaches_the_teachers_answers_and_is_refused_without_a_teacher(tiny_folder, tmp_path):
     data = load_dataset(tiny_folder, 32, True, classes=None)
     train, val = stratified_split(data, 0.1, 0)

@@ -65,6 +65,7 @@ class TrainConfig:
     mixup_prob: float = 0.5
     occlusion_p: float = 0.2
     erasing_p: float = 0.25
+    augment: str = "standard"  # how far the training views range: training.augment.AUGMENTATIONS
     drop_rate: float = 0.2
     drop_path_rate: float = 0.05
     freeze_epochs: int = 0
@@ -215,7 +216,7 @@ def train_backbone(
     weights = class_weights(counts)
     sampler = None
     order_rng = torch.Generator().manual_seed(cfg.seed)  # one generator, checkpointed, so resume continues the order
-    dataset = _AugmentedImages(train, train_transform(prep, cfg.occlusion_p, cfg.erasing_p))
+    dataset = _AugmentedImages(train, train_transform(prep, cfg.occlusion_p, cfg.erasing_p, cfg.augment))
     batch_size = min(cfg.batch_size, len(train) - len(train) % 2) or 2
     if d.enabled:
         # Each process takes its part of every epoch; the global batch is split evenly (BatchNorm needs 2 a process).
