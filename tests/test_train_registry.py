@@ -22,6 +22,7 @@ from registry.store import ModelRegistry, RegistryError
 from training.data import load_dataset, stratified_split
 from backbones.inference import embed_images
 from training.adapt import classifier_proba
+from training.augment import AUGMENTATIONS
 from training.pipeline import teacher_probabilities, train_and_register
 from training.trainer import TrainConfig, train_backbone
 
@@ -378,8 +379,6 @@ def test_bf16_precision_trains_in_mixed_precision_and_keeps_float32_weights(tiny
 
 
 def test_wide_augmentation_trains_on_other_views_and_is_offered_by_the_cli(tiny_folder, tmp_path):
-    from training.augment import AUGMENTATIONS
-
     data = load_dataset(tiny_folder, 32, True, classes=None)
     train, val = stratified_split(data, 0.1, 0)
     standard = train_backbone(tiny_config(), train, val, tmp_path / "standard")

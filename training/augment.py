@@ -44,25 +44,28 @@ def occlude_lower_face(x: torch.Tensor, top: float = 0.55) -> torch.Tensor:
     return out
 
 
-AUGMENTATIONS = ("standard", "wide")
+# How far each named augmentation's views range: the affine turn, shift and scale, the brightness and
+# contrast jitter, and whether the face is also blurred, sharpened and contrast-stretched at times.
+_RANGES = {
+    "standard": {"degrees": 10, "translate": 0.06, "scale": (0.9, 1.1), "jitter": 0.3, "appearance": False},
+    "wide": {"degrees": 20, "translate": 0.1, "scale": (0.8, 1.25), "jitter": 0.4, "appearance": True},
+}
+AUGMENTATIONS = tuple(_RANGES)
 
 
 def train_transform(prep: Preprocessing, occlusion_p: float = 0.2, erasing_p: float = 0.25, augment: str = "standard") -> v2.Compose:
     """uint8 (3, H, W) tensor -> augmented, normalised float tensor; ``augment``: one of ``AUGMENTATIONS``."""
-    if augment not in AUGMENTATIONS:
+    if augment not in _RANGES:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    wide = augment == "wide"
-    geometry = v2.RandomAffine(degrees=20, translate=(0.1, 0.1), scale=(0.8, 1.25)) if wide else \
-        v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1))
+    r = _RANGES[augment]
     appearance = [v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.3), v2.RandomAdjustSharpness(2.0, p=0.3),
-                  v2.RandomAutocontrast(p=0.3)] if wide else []
-    jitter = 0.4 if wide else 0.3
+                  v2.RandomAutocontrast(p=0.3)] if r["appearance"] else []
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(),
-            geometry,
+            v2.RandomAffine(degrees=r["degrees"], translate=(r["translate"],) * 2, scale=r["scale"]),
             *appearance,
-            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=0.0 if prep.grayscale else 0.2),
+            v2.ColorJitter(brightness=r["jitter"], contrast=r["jitter"], saturation=0.0 if prep.grayscale else 0.2),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize([prep.mean] * 3, [prep.std] * 3),
             LowerFaceOcclusion(occlusion_p),
